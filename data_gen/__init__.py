@@ -1,0 +1,1 @@
+"""GPT-written visual instruction data from image captions and object boxes."""

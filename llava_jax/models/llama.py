@@ -1,0 +1,277 @@
+"""LLaMA decoder in Flax NNX, numerically equal to transformers' `LlamaForCausalLM`.
+
+RMSNorm, rotary embeddings (default, linear and `llama3` scaling), grouped-query attention through
+`jax.nn.dot_product_attention`, SwiGLU MLP, optional attention / MLP biases, optional tied embeddings, and a
+fixed-size KV cache for decoding. Decoder layers are stored stacked (leading axis 'layers') and scanned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.models import layers as L
+
+Cache = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Geometry of a LLaMA decoder (field names as in transformers' LlamaConfig)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise L.UnsupportedConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
+        """From a transformers LlamaConfig dict, in either the v4 (`rope_theta` + `rope_scaling`) or the v5
+        (`rope_parameters`) form."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        rope = d.get("rope_parameters")
+        if rope:
+            rope = dict(rope)
+            kw["rope_theta"] = rope.pop("rope_theta", kw.get("rope_theta", 10000.0))
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            kw["rope_scaling"] = None if kind == "default" else rope
+        if kw.get("head_dim") is None:
+            kw.pop("head_dim", None)
+        if kw.get("num_key_value_heads") is None:
+            kw["num_key_value_heads"] = kw.get("num_attention_heads", cls.num_attention_heads)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers LlamaConfig dict (v4 style keys, which v5 also reads)."""
+        d = dataclasses.asdict(self)
+        d["model_type"] = "llama"
+        if d["rope_scaling"] is None:
+            d.pop("rope_scaling")
+        return d
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] of the rotary embedding, including the configured scaling."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv.astype(np.float32)
+    if kind == "linear":
+        return (inv / scaling["factor"]).astype(np.float32)
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise L.UnsupportedConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates x [B, T, N, H] by positions [B, T] (half-split layout, as transformers' rotate_half)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb).astype(x.dtype)[:, :, None], jnp.sin(emb).astype(x.dtype)[:, :, None]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaForCausalLM(nnx.Module):
+    """LLaMA decoder with its language-model head.
+
+    Parameters (D model width, F MLP width, V vocabulary, Lyr layers, Nq/Nk heads of size Hd):
+    embed_tokens [V, D]; stacked per layer: input_norm [Lyr, D], q [Lyr, D, Nq*Hd], k / v [Lyr, D, Nk*Hd],
+    o [Lyr, Nq*Hd, D], post_norm [Lyr, D], gate / up [Lyr, D, F], down [Lyr, F, D] (+ biases when configured);
+    norm [D]; lm_head [D, V] unless embeddings are tied.
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 attention_impl: str | None = None, remat: str | None = None):
+        self.config, self.dtype = config, dtype
+        self.attention_impl, self.remat = attention_impl, remat
+        c = config
+        n, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+        qd, kd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        std = 0.02
+
+        def p(init, shape, names):
+            return L.param(rngs, init, shape, names, param_dtype)
+
+        self.embed_tokens = p(L.normal(std), (c.vocab_size, d), ("vocab", "embed"))
+        self.input_norm = p(L.ones, (n, d), ("layers", "norm"))
+        self.q_kernel = p(L.normal(std), (n, d, qd), ("layers", "embed", "heads"))
+        self.k_kernel = p(L.normal(std), (n, d, kd), ("layers", "embed", "kv_heads"))
+        self.v_kernel = p(L.normal(std), (n, d, kd), ("layers", "embed", "kv_heads"))
+        self.o_kernel = p(L.normal(std), (n, qd, d), ("layers", "heads", "embed"))
+        if c.attention_bias:
+            self.q_bias = p(L.zeros, (n, qd), ("layers", "heads"))
+            self.k_bias = p(L.zeros, (n, kd), ("layers", "kv_heads"))
+            self.v_bias = p(L.zeros, (n, kd), ("layers", "kv_heads"))
+            self.o_bias = p(L.zeros, (n, d), ("layers", "norm"))
+        self.post_norm = p(L.ones, (n, d), ("layers", "norm"))
+        self.gate_kernel = p(L.normal(std), (n, d, f), ("layers", "embed", "mlp"))
+        self.up_kernel = p(L.normal(std), (n, d, f), ("layers", "embed", "mlp"))
+        self.down_kernel = p(L.normal(std), (n, f, d), ("layers", "mlp", "embed"))
+        if c.mlp_bias:
+            self.gate_bias = p(L.zeros, (n, f), ("layers", "mlp"))
+            self.up_bias = p(L.zeros, (n, f), ("layers", "mlp"))
+            self.down_bias = p(L.zeros, (n, d), ("layers", "norm"))
+        self.norm = p(L.ones, (d,), ("norm",))
+        if not c.tie_word_embeddings:
+            self.lm_head = p(L.normal(std), (d, c.vocab_size), ("embed", "vocab"))
+
+    # -------------------------------------------------------------------------------------------- pieces
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids [B, T] -> embeddings [B, T, D] in the compute dtype (ids are clipped into range)."""
+        ids = jnp.clip(input_ids, 0, self.config.vocab_size - 1)
+        return self.embed_tokens[...].astype(self.dtype)[ids]
+
+    def head_kernel(self) -> jax.Array:
+        """The output projection [D, V] (the transposed embedding table when tied)."""
+        return self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-norm'd hidden [..., D] -> logits [..., V]."""
+        return L.dense(hidden, self.head_kernel())
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+        """An empty KV cache: k, v [Lyr, B, S, Nk, Hd], `valid` [B, S] int32 and write `index` []."""
+        c = self.config
+        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        dt = dtype or self.dtype
+        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+                "valid": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+    def _layer_weights(self) -> dict[str, jax.Array]:
+        names = ["input_norm", "q_kernel", "k_kernel", "v_kernel", "o_kernel", "post_norm", "gate_kernel",
+                 "up_kernel", "down_kernel"]
+        if self.config.attention_bias:
+            names += ["q_bias", "k_bias", "v_bias", "o_bias"]
+        if self.config.mlp_bias:
+            names += ["gate_bias", "up_bias", "down_bias"]
+        return {k: getattr(self, k)[...] for k in names}
+
+    # -------------------------------------------------------------------------------------------- forward
+    def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                 cache: Cache | None = None, return_hidden: bool = False):
+        """Runs the decoder.
+
+        Args:
+          input_ids: [B, T] token ids (or pass inputs_embeds [B, T, D]).
+          attention_mask: [B, T] 1 for tokens, 0 for padding (left or right); all ones by default.
+          positions: [B, T] rotary positions; by default the count of real tokens before each one (so left
+            padding gets correct positions), continuing from the cache when one is given.
+          cache: a KV cache from `init_cache` (or a previous call); the T new tokens are written at its index.
+          return_hidden: return the final-norm'd hidden states [B, T, D] instead of logits.
+        Returns:
+          (logits [B, T, V] — or hidden [B, T, D] — , the updated cache or None).
+        """
+        c = self.config
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, t, _ = h.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+        if cache is None:
+            valid = attention_mask
+            q_slots = jnp.arange(t)
+            k_slots = jnp.arange(t)
+        else:
+            start = cache["index"]
+            valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, start))
+            q_slots = start + jnp.arange(t)
+            k_slots = jnp.arange(valid.shape[1])
+        if positions is None:
+            before = jnp.cumsum(valid, axis=1) - 1
+            positions = jnp.maximum(jnp.take(before, q_slots, axis=1), 0)
+        causal = (k_slots[None, :] <= q_slots[:, None]) & (valid[:, None, :] > 0)  # [B, T, S]
+        causal = causal | (k_slots[None, :] == q_slots[:, None])[None]  # padded queries see themselves
+        mask = causal[:, None]  # [B, 1, T, S]
+        inv_freq = jnp.asarray(rope_inv_freq(c))
+        nq, nk, hd, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+        impl, act = self.attention_impl, L.activation(c.hidden_act)
+        dtype = self.dtype
+
+        def attend_and_mlp(x, w, k_all, v_all, q):
+            a = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, implementation=impl)
+            x = x + L.dense(a.reshape(b, t, nq * hd), w["o_kernel"], w.get("o_bias"))
+            y = L.rms_norm(x, w["post_norm"], eps)
+            g = L.dense(y, w["gate_kernel"], w.get("gate_bias"))
+            u = L.dense(y, w["up_kernel"], w.get("up_bias"))
+            y = L.dense(act(g) * u, w["down_kernel"], w.get("down_bias"))
+            return L.constrain(x + y, ("activation_batch", "activation_length", "activation_embed"))
+
+        def qkv(x, w):
+            y = L.rms_norm(x, w["input_norm"], eps)
+            q = L.dense(y, w["q_kernel"], w.get("q_bias")).reshape(b, t, nq, hd)
+            k = L.dense(y, w["k_kernel"], w.get("k_bias")).reshape(b, t, nk, hd)
+            v = L.dense(y, w["v_kernel"], w.get("v_bias")).reshape(b, t, nk, hd)
+            q = L.constrain(apply_rope(q, positions, inv_freq), ("activation_batch", "activation_length",
+                                                                 "activation_heads", None))
+            k = apply_rope(k, positions, inv_freq)
+            return q, k, v
+
+        weights = {k: v.astype(dtype) if v.ndim > 2 else v for k, v in self._layer_weights().items()}
+        if cache is None:
+            def body(x, w):
+                q, k, v = qkv(x, w)
+                return attend_and_mlp(x, w, k, v, q), None
+
+            h, _ = jax.lax.scan(L.maybe_remat(body, self.remat), h, weights)
+            new_cache = None
+        else:
+            start = cache["index"]
+
+            def body(carry, xs):
+                x, ck, cv = carry
+                w, i = xs
+                q, k, v = qkv(x, w)
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (i, 0, start, 0, 0))
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (i, 0, start, 0, 0))
+                k_all = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(dtype)
+                v_all = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(dtype)
+                return (attend_and_mlp(x, w, k_all, v_all, q), ck, cv), None
+
+            idx = jnp.arange(c.num_hidden_layers)
+            (h, ck, cv), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), (weights, idx))
+            new_cache = {"k": ck, "v": cv, "valid": valid, "index": start + t}
+        h = L.rms_norm(h, self.norm[...], eps)
+        if return_hidden:
+            return h, new_cache
+        return self.logits(h), new_cache
