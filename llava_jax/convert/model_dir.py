@@ -153,7 +153,7 @@ def llava_params_from_hf(tensors: dict[str, np.ndarray], config: LlavaConfig, pa
 
 
 def load_hf_llava(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32,
-                  attention_impl: str | None = None, remat: str | None = None, aspect: str = "pad"
+                  attention_impl: str | None = None, remat: str | None = None, aspect: str = "crop"
                   ) -> LoadedModel:
     """Loads a transformers `LlavaForConditionalGeneration` directory (classic or `model.language_model.*`
     keys; one file or shards with an index; fp32 / fp16 / bf16)."""
@@ -178,13 +178,13 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float
         return load_model_dir(d, dtype, param_dtype, attention_impl)
     if is_hf_llava_dir(d):
         return load_hf_llava(d, dtype, param_dtype, attention_impl)
-    if (d / "checkpoints").is_dir():
-        from llava_jax import checkpoint
+    from llava_jax import checkpoint
 
-        return checkpoint.load_workdir_model(d, dtype=dtype, param_dtype=param_dtype)
+    if checkpoint.is_workdir(d):
+        return checkpoint.load_trained_model(d, dtype=dtype, param_dtype=param_dtype)
     raise CheckpointFormatError(
         f"{d} is neither a llava_jax model dir ({MARKER}), an HF LLaVA dir (config.json with model_type "
-        "'llava') nor a training workdir (checkpoints/)")
+        "'llava') nor a training workdir (run.json)")
 
 
 # ------------------------------------------------------------------------------------------------ HF CLIP

@@ -1,0 +1,74 @@
+"""python -m llava_jax.convert {from-hf, compose, to-hf}
+
+  python -m llava_jax.convert from-hf HF_LLAVA_DIR OUT_DIR
+  python -m llava_jax.convert compose --vision CLIP_DIR --text LLAMA_DIR --projector mlp2x_gelu OUT_DIR
+  python -m llava_jax.convert to-hf MODEL_OR_WORKDIR OUT_HF_DIR [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _layers(text: str) -> int | tuple[int, ...]:
+    parts = [int(x) for x in text.split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-hf", help="HF LlavaForConditionalGeneration dir -> llava_jax model dir")
+    a.add_argument("hf_dir")
+    a.add_argument("out_dir")
+    a.add_argument("--image-aspect", choices=("pad", "crop"), default="crop",
+                   help="crop = what transformers' processor does; pad = LLaVA-1.5's own training preprocessing")
+    a.add_argument("--template", default=None, help="conversation template to record (default: tokenizer's)")
+    c = sub.add_parser("compose", help="CLIP dir + LLaMA dir -> stage-1 starting model dir")
+    c.add_argument("--vision", required=True)
+    c.add_argument("--text", required=True)
+    c.add_argument("--projector", choices=("linear", "mlp2x_gelu"), default="mlp2x_gelu")
+    c.add_argument("--vision-feature-layer", type=_layers, default=-2)
+    c.add_argument("--vision-feature-select-strategy", choices=("default", "full"), default="default")
+    c.add_argument("--image-aspect", choices=("pad", "crop"), default="pad")
+    c.add_argument("--pad-vocab-to", type=int, default=64, help="pad the vocabulary to a multiple (0: no)")
+    c.add_argument("--template", default="vicuna_v1")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("out_dir")
+    t = sub.add_parser("to-hf", help="llava_jax model dir / workdir / HF dir -> HF LLaVA dir")
+    t.add_argument("model")
+    t.add_argument("out_dir")
+    t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    t.add_argument("--max-shard-gb", type=float, default=2.0)
+    args = p.parse_args(argv)
+
+    from llava_jax.convert.model_dir import load_hf_llava, load_model, save_model_dir
+
+    if args.command == "from-hf":
+        loaded = load_hf_llava(args.hf_dir, aspect=args.image_aspect)
+        save_model_dir(args.out_dir, loaded.model, loaded.config, loaded.tokenizer, loaded.image_config,
+                       template=args.template or loaded.template, source_dtype=loaded.source_dtype)
+        print(f"wrote {args.out_dir}")
+    elif args.command == "compose":
+        from llava_jax.convert.compose import compose
+
+        compose(args.vision, args.text, args.out_dir, args.projector,
+                vision_feature_layer=args.vision_feature_layer,
+                vision_feature_select_strategy=args.vision_feature_select_strategy,
+                image_aspect=args.image_aspect, pad_to_multiple_of=args.pad_vocab_to, template=args.template,
+                seed=args.seed)
+        print(f"wrote {args.out_dir}")
+    else:
+        from llava_jax.convert.export import export_hf
+
+        loaded = load_model(args.model)
+        export_hf(loaded, args.out_dir, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+        print(f"wrote {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
