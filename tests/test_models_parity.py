@@ -12,7 +12,7 @@ from llava_jax import tiny  # noqa: E402
 from llava_jax.convert import hf_keys  # noqa: E402
 from llava_jax.convert.model_dir import llava_params_from_hf  # noqa: E402
 from llava_jax.convert.params import build_with_params, param_shapes  # noqa: E402
-from llava_jax.models.clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
+from llava_jax.models.clip import CLIPModel, CLIPTextConfig, CLIPVisionConfig  # noqa: E402
 from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from llava_jax.models.llava import Llava, LlavaConfig  # noqa: E402
 

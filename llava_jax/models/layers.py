@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 LogicalNames = tuple[str | None, ...]
@@ -26,21 +27,45 @@ class UnsupportedConfigError(ValueError):
     """A model configuration asks for something this implementation does not support."""
 
 
-def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], names: LogicalNames, dtype=jnp.float32) -> nnx.Param:
-    """Creates a parameter of `shape` initialised by `init(key, shape, dtype)`, tagged with logical `names`."""
+class Init:
+    """An initialiser usable on both paths: traced (jax.random, under eval_shape / jit) and eager (numpy on
+    the host, which avoids compiling a random-number kernel per parameter shape)."""
+
+    def __init__(self, kind: str, std: float = 1.0):
+        self.kind, self.std = kind, std
+
+    def __call__(self, key, shape, dtype=jnp.float32) -> jax.Array:
+        if self.kind == "normal":
+            return self.std * jax.random.normal(key, shape, dtype)
+        return jnp.full(shape, 1.0 if self.kind == "ones" else 0.0, dtype)
+
+    def host(self, rng: np.random.Generator, shape, dtype) -> np.ndarray:
+        if self.kind == "normal":
+            return (self.std * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+        return np.full(shape, 1.0 if self.kind == "ones" else 0.0, dtype)
+
+
+def normal(std: float) -> Init:
+    """Initialiser N(0, std^2)."""
+    return Init("normal", std)
+
+
+zeros = Init("zeros")
+ones = Init("ones")
+
+
+def param(rngs: nnx.Rngs | None, init: Init, shape: Sequence[int], names: LogicalNames,
+          dtype=jnp.float32) -> nnx.Param:
+    """Creates a parameter of `shape` initialised by `init`, tagged with logical axis `names`."""
     if len(names) != len(shape):
         raise ValueError(f"logical names {names} do not match shape {tuple(shape)}")
     key = rngs.params() if rngs is not None else jax.random.key(0)
-    return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False)
-
-
-def normal(std: float):
-    """Initialiser N(0, std^2)."""
-    return jax.nn.initializers.normal(std)
-
-
-zeros = jax.nn.initializers.zeros
-ones = jax.nn.initializers.ones
+    if isinstance(key, jax.core.Tracer):
+        value = init(key, tuple(shape), dtype)
+    else:
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+        value = jnp.asarray(init.host(np.random.default_rng(seed), tuple(shape), np.dtype(dtype)))
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
 @contextlib.contextmanager

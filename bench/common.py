@@ -1,0 +1,104 @@
+"""Helpers shared by the benchmark scripts: the bench model geometry, HF twins of our models, timing and the
+machine's measured matmul peak. Every bench prints one JSON object as its last line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from llava_jax.models.clip import CLIPVisionConfig  # noqa: E402
+from llava_jax.models.llama import LlamaConfig  # noqa: E402
+from llava_jax.models.llava import LlavaConfig, build_llava  # noqa: E402
+
+
+def bench_config(vocab: int = 32000, width: int = 512, layers: int = 4, image: int = 224, patch: int = 14,
+                 vision_width: int = 512, vision_layers: int = 4) -> LlavaConfig:
+    """The issue's bench geometry: CLIP-like 224 px / patch 14 (256 tokens), LLaMA width 512, vocab 32,000."""
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=4 * vision_width,
+                              num_hidden_layers=vision_layers, num_attention_heads=vision_width // 64,
+                              image_size=image, patch_size=patch, projection_dim=vision_width)
+    text = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=int(2.6875 * width),
+                       num_hidden_layers=layers, num_attention_heads=width // 64,
+                       num_key_value_heads=width // 64, max_position_embeddings=4096)
+    return LlavaConfig(vision=vision, text=text, image_token_id=vocab - 1, projector="mlp2x_gelu")
+
+
+def hf_twin(model, config: LlavaConfig, attn: str = "sdpa"):
+    """transformers' LlavaForConditionalGeneration holding exactly `model`'s weights (through our export)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_jax.convert.export import export_hf
+    from llava_jax.convert.model_dir import LoadedModel
+
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(LoadedModel(model, config, None, None), d, dtype="float32")
+        hf = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation=attn)
+    return hf
+
+
+def build(config: LlavaConfig, seed: int = 0, **kw):
+    return build_llava(config, seed=seed, **kw)
+
+
+def time_call(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def alternate(a: Callable[[], object], b: Callable[[], object], rounds: int, warmup: int = 1
+              ) -> tuple[list[float], list[float]]:
+    """Times a and b alternately (ABAB...) after `warmup` calls of each; returns both lists of seconds."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(time_call(a))
+        tb.append(time_call(b))
+    return ta, tb
+
+
+def matmul_peak(n: int = 2048, reps: int = 8) -> dict[str, float]:
+    """Measured fp32 matmul FLOP/s of this machine, in JAX (XLA) and torch; `peak` is the larger."""
+    import torch
+
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    tj = statistics.median(time_call(lambda: f(x).block_until_ready()) for _ in range(reps))
+    xt = torch.ones(n, n)
+    torch.mm(xt, xt)
+    tt = statistics.median(time_call(lambda: torch.mm(xt, xt)) for _ in range(reps))
+    flops = 2.0 * n**3
+    out = {"jax_flops": flops / tj, "torch_flops": flops / tt}
+    out["peak"] = max(out.values())
+    return out
+
+
+def machine() -> dict[str, object]:
+    import torch
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def emit(obj: dict) -> None:
+    """Prints the bench result as the last line (one JSON object)."""
+    print(json.dumps(obj, default=lambda o: float(o) if isinstance(o, np.generic) else str(o)))

@@ -1,0 +1,12 @@
+"""Evaluation: every benchmark has a `predict` step (batched generation to an answers JSONL) and a separate
+`score` / `review` step that reads answer files, so answers from any system are scored the same way.
+
+  scienceqa    ScienceQA multiple choice: build, predict, score (letter extraction, per-subject tables)
+  llava_bench  LLaVA-Bench: predict, review (GPT judge vs reference answers), summarize (relative scores)
+  compare      pairwise GPT judging of two answer files in both orders: win / tie / lose, win score
+  vqa          VQA-style short-answer accuracy with the standard normalisation
+  pope         POPE yes/no accuracy, precision, recall, F1, yes-ratio
+  predict      the shared batched generation (also a CLI for generic questions files)
+  judge        the judge prompt, score-line parser and client calls
+  answers      reading questions / answers files
+"""

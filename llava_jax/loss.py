@@ -1,0 +1,98 @@
+"""The training loss: next-token cross entropy on the supervised (assistant) tokens only.
+
+Two savings over computing [B, T, V] logits everywhere, both exact:
+- supervised positions first: in LLaVA data most positions (the image tokens, system text, user turns) are
+  never supervised, so each row's supervised positions are gathered into a static budget of K positions and
+  only those go through the vocabulary projection. If a row has more supervised tokens than K, the whole batch
+  takes the full path instead (`lax.cond`), so nothing is ever dropped.
+- chunked vocabulary: the projection + log-softmax runs over chunks of positions under `jax.checkpoint`, so at
+  most [B, chunk, V] logits exist at a time, in the forward and the backward pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _ce_sum(hidden: jax.Array, targets: jax.Array, head: jax.Array, chunk: int) -> jax.Array:
+    """Sum of cross entropies: hidden [B, N, D], targets [B, N] (IGNORE_INDEX = skip), head [D, V]."""
+    b, n, d = hidden.shape
+
+    def piece(h, t):
+        logits = jnp.einsum("bnd,dv->bnv", h, head.astype(h.dtype)).astype(jnp.float32)
+        mask = t != IGNORE_INDEX
+        safe = jnp.where(mask, t, 0)
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+        return jnp.sum((logz - picked) * mask)
+
+    if not chunk or chunk >= n:
+        return piece(hidden, targets)
+    padded = _round_up(n, chunk)
+    if padded != n:
+        hidden = jnp.pad(hidden, ((0, 0), (0, padded - n), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, padded - n)), constant_values=IGNORE_INDEX)
+    hs = jnp.moveaxis(hidden.reshape(b, padded // chunk, chunk, d), 1, 0)
+    ts = jnp.moveaxis(targets.reshape(b, padded // chunk, chunk), 1, 0)
+    body = jax.checkpoint(lambda acc, x: (acc + piece(*x), None))
+    total, _ = jax.lax.scan(body, jnp.float32(0), (hs, ts))
+    return total
+
+
+def supervised_budget(seq_len: int, fraction: float | None, multiple: int = 64) -> int | None:
+    """Static per-row position budget for `fraction` of the T - 1 predicted positions (None: no budget)."""
+    if not fraction or fraction >= 1.0:
+        return None
+    k = min(_round_up(max(int(fraction * (seq_len - 1)), 1), multiple), seq_len - 1)
+    return k if k < seq_len - 1 else None
+
+
+def hidden_cross_entropy(hidden: jax.Array, labels: jax.Array, head: jax.Array, *, budget: int | None = None,
+                         chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token loss from final hidden states.
+
+    Args:
+      hidden: [B, T, D] final-norm'd hidden states; position t predicts labels[:, t + 1].
+      labels: [B, T] int32, IGNORE_INDEX where not supervised (unshifted, as in HF).
+      head: [D, V] output projection.
+      budget: static number K of positions per row to project when every row has <= K supervised tokens.
+      chunk: positions per vocabulary chunk (0: all at once).
+    Returns:
+      (sum of token losses [], count of supervised tokens [] float32).
+    """
+    h, t = hidden[:, :-1], labels[:, 1:]
+    valid = t != IGNORE_INDEX
+    count = valid.sum().astype(jnp.float32)
+    if budget is None or budget >= h.shape[1]:
+        return _ce_sum(h, t, head, chunk), count
+
+    def gathered():
+        order = jnp.argsort(~valid, axis=1, stable=True)[:, :budget]  # supervised positions first, in order
+        hg = jnp.take_along_axis(h, order[..., None], axis=1)
+        tg = jnp.take_along_axis(t, order, axis=1)
+        tg = jnp.where(jnp.take_along_axis(valid, order, axis=1), tg, IGNORE_INDEX)
+        return _ce_sum(hg, tg, head, chunk)
+
+    def full():
+        return _ce_sum(h, t, head, chunk)
+
+    fits = jnp.max(valid.sum(axis=1)) <= budget
+    return jax.lax.cond(fits, gathered, full), count
+
+
+def llava_loss(model, batch: dict[str, jax.Array], *, budget_fraction: float | None = 0.5,
+               chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, supervised count) of a LLaVA model on a batch dict with input_ids, labels,
+    attention_mask [B, T], pixel_values [B, H, W, 3] and has_image [B]."""
+    hidden, _ = model(batch["input_ids"], batch.get("pixel_values"), batch.get("has_image"),
+                      batch.get("attention_mask"), return_hidden=True)
+    budget = supervised_budget(batch["input_ids"].shape[1], budget_fraction)
+    return hidden_cross_entropy(hidden, batch["labels"], model.language_model.head_kernel(), budget=budget,
+                                chunk=chunk)
