@@ -1,0 +1,330 @@
+"""The bundled synthetic dataset: procedural shape scenes with questions only the image can answer.
+
+    python -m llava_jax.data.synthetic --out DIR [--num N] [--seed S] [--num-eval M] [--image-size PX]
+
+Each image is a 4 x 4 board holding 1-3 objects, every one with its own shape (circle, square, triangle,
+cross), its own colour (red, green, blue, yellow, purple, orange), a size (large or small), its own column and
+a random row, so "left of", "larger than" and "how many" have one clear answer. Cells are 16 px at the
+default 64 px (the demo's patch size). Writes:
+
+  DIR/images/*.jpg                       training and held-out images (bare file names in every record)
+  DIR/stage1.json                        caption records (CC3M chat.json layout) naming objects, colours, places
+  DIR/stage2.json                        multi-turn instruction records (colour / shape / count / side / size)
+  DIR/eval.jsonl                         held-out questions on unseen images: question_id, image, text,
+                                         answer, choices, category
+  DIR/meta.json                          counts, categories, chance level (mean of 1 / len(choices))
+  DIR/coco/captions.json, instances.json COCO layout (5 captions per image; boxes [x, y, w, h] per object)
+  DIR/cc_sbu_align/filter_cap.json       MiniGPT-4 layout with image/{id}.jpg (symlinks into images/)
+
+Answers are balanced so a model that ignores the image scores at chance; `score_answer` grades a reply.
+Everything is a function of the seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from llava_jax import io as lio
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (30, 160, 60),
+    "blue": (35, 75, 215),
+    "yellow": (235, 205, 25),
+    "purple": (135, 55, 175),
+    "orange": (245, 125, 20),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("large", "small")
+COUNT_WORDS = ("zero", "one", "two", "three")
+CATEGORIES = ("color", "shape", "count", "side", "size")
+
+_BACKGROUND = (244, 244, 240)
+GRID = 4  # the board is GRID x GRID cells; one object per column
+_LARGE, _SMALL = 0.94, 0.56  # object side as a fraction of the cell side
+
+_CAPTION_PROMPTS = (
+    "Give a short caption for this picture.",
+    "Describe the image briefly.",
+    "Write a one-sentence summary of the image.",
+    "What does this picture show? Answer in one sentence.",
+    "Summarise the scene in a few words.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Obj:
+    """One drawn object: shape, colour name, size class, board column (0 = leftmost), box in pixels."""
+
+    shape: str
+    color: str
+    size: str
+    column: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive-exclusive)
+
+
+# ------------------------------------------------------------------------------------------------ scenes
+
+
+def make_scene(rng: np.random.Generator, image_size: int, count: int | None = None, jitter: float = 0.0) -> list[Obj]:
+    """1-3 objects (uniform count) with distinct shapes, colours and columns; sizes and rows vary.
+
+    The image is a GRID x GRID board of cells (16 px cells at 64 px, the patch size of the demo's vision
+    tower): each object sits in its own column, in a random row, centred in its cell and moved by up to
+    `jitter` x cell side. Large objects fill most of a cell, small ones about half of it.
+    """
+    n = int(rng.integers(1, 4)) if count is None else count
+    shapes = rng.choice(len(SHAPES), n, replace=False)
+    colors = rng.choice(len(COLORS), n, replace=False)
+    columns = np.sort(rng.choice(GRID, n, replace=False))
+    rows = rng.integers(0, GRID, n)
+    sizes = rng.integers(0, 2, n)
+    if n >= 2 and len(set(sizes.tolist())) == 1 and rng.random() < 0.5:
+        sizes[rng.integers(0, n)] ^= 1  # more scenes with a size contrast
+    cell = image_size / GRID
+    objs = []
+    for k in range(n):
+        side = max(3, round((_LARGE if sizes[k] == 0 else _SMALL) * cell))
+        room = (cell - side) / 2
+        cx = (columns[k] + 0.5) * cell + rng.uniform(-1, 1) * min(jitter * cell, room)
+        cy = (rows[k] + 0.5) * cell + rng.uniform(-1, 1) * min(jitter * cell, room)
+        x0, y0 = round(cx - side / 2), round(cy - side / 2)
+        objs.append(
+            Obj(SHAPES[shapes[k]], list(COLORS)[colors[k]], SIZES[sizes[k]], int(columns[k]),
+                (x0, y0, x0 + side, y0 + side))
+        )
+    return objs
+
+
+def render(objs: Sequence[Obj], image_size: int) -> Image.Image:
+    """Draws the scene on a light background (RGB, image_size x image_size)."""
+    img = Image.new("RGB", (image_size, image_size), _BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for o in objs:
+        x0, y0, x1, y1 = o.box
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif o.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+        elif o.shape == "cross":
+            t = max(2, (x1 - x0) // 3)
+            mx, my = (x0 + x1) // 2, (y0 + y1) // 2
+            draw.rectangle((mx - t // 2 - t % 2, y0, mx + t // 2, y1 - 1), fill=fill)
+            draw.rectangle((x0, my - t // 2 - t % 2, x1 - 1, my + t // 2), fill=fill)
+    return img
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def _place(o: Obj, n: int) -> str:
+    return {0: "on the far left", 1: "left of the centre", 2: "right of the centre", 3: "on the far right"}[o.column]
+
+
+def caption(objs: Sequence[Obj], rng: np.random.Generator | None = None, variant: int = 0) -> str:
+    """A sentence naming every object's size, colour, shape and place, left to right."""
+    n = len(objs)
+    parts = [f"a {o.size} {o.color} {o.shape} {_place(o, n)}" for o in objs]
+    body = parts[0] if n == 1 else (f"{parts[0]} and {parts[1]}" if n == 2 else f"{parts[0]}, {parts[1]} and {parts[2]}")
+    openers = ("There is", "The image shows", "This picture contains", "We can see", "A plain background with")
+    opener = openers[variant % len(openers)]
+    if opener == "There is" and n > 1:
+        opener = "There are"
+    text = f"{opener} {body}."
+    return text[0].upper() + text[1:]
+
+
+def detailed_description(objs: Sequence[Obj]) -> str:
+    """A longer description (MiniGPT-4 style): count, then each object with its relations."""
+    n = len(objs)
+    lines = [f"The image shows {COUNT_WORDS[n]} {'shape' if n == 1 else 'shapes'} on a plain light background."]
+    for o in objs:
+        lines.append(f"A {o.color} {o.shape} is {_place(o, n)}, and it is {o.size}.")
+    if n >= 2:
+        big = [o for o in objs if o.size == "large"]
+        if big and len(big) < n:
+            lines.append(f"The largest object is the {big[0].color} {big[0].shape}.")
+    return " ".join(lines)
+
+
+def questions(objs: Sequence[Obj], rng: np.random.Generator) -> dict[str, dict[str, Any]]:
+    """Every question category answerable for this scene -> {"text", "answer", "choices"}.
+
+    Phrasings never reveal the answer: the colour question names the shape, the shape question names the
+    colour, the side question asks which half of the picture a named shape is in, the size question names
+    two objects in a random order.
+    """
+    n = len(objs)
+    out: dict[str, dict[str, Any]] = {}
+    o = objs[int(rng.integers(0, n))]
+    out["color"] = {"text": f"What color is the {o.shape}?", "answer": o.color, "choices": list(COLORS)}
+    o = objs[int(rng.integers(0, n))]
+    out["shape"] = {"text": f"What shape is the {o.color} object?", "answer": o.shape, "choices": list(SHAPES)}
+    out["count"] = {"text": "How many shapes are in the image?", "answer": COUNT_WORDS[n],
+                    "choices": list(COUNT_WORDS[1:])}
+    o = objs[int(rng.integers(0, n))]
+    out["side"] = {"text": f"Is the {o.shape} on the left or the right side of the picture?",
+                   "answer": "left" if o.column < GRID // 2 else "right", "choices": ["left", "right"]}
+    if n >= 2:
+        pairs = [(x, y) for x in objs for y in objs if x.size == "large" and y.size == "small"]
+        if pairs:
+            big, small = pairs[int(rng.integers(0, len(pairs)))]
+            first, second = (big, small) if rng.random() < 0.5 else (small, big)
+            out["size"] = {"text": f"Which is larger, the {first.shape} or the {second.shape}?",
+                           "answer": big.shape, "choices": [first.shape, second.shape]}
+    return out
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+_SYNONYMS = {"1": "one", "2": "two", "3": "three", "colour": "color", "grey": "gray", "violet": "purple",
+             "bigger": "larger"}
+
+
+def _words(text: str) -> list[str]:
+    return [_SYNONYMS.get(w, w) for w in _WORD.findall(text.lower())]
+
+
+def score_answer(text: str, record: dict[str, Any]) -> bool:
+    """True when `text` names the record's answer and no other choice (digits count as number words)."""
+    words = set(_words(text))
+    answer = _SYNONYMS.get(record["answer"].lower(), record["answer"].lower())
+    others = {_SYNONYMS.get(c.lower(), c.lower()) for c in record["choices"]} - {answer}
+    return answer in words and not (words & others)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _conversation(qs: dict[str, dict], rng: np.random.Generator, turns: int) -> list[dict[str, str]]:
+    cats = list(qs)
+    picked = rng.choice(len(cats), min(turns, len(cats)), replace=False)
+    conv = []
+    for k, idx in enumerate(picked):
+        q = qs[cats[int(idx)]]
+        text = q["text"]
+        if k == 0:
+            text = f"{text}\n<image>" if rng.random() < 0.2 else f"<image>\n{text}"
+        conv.append({"from": "human", "value": text})
+        conv.append({"from": "gpt", "value": q["answer"]})
+    return conv
+
+
+def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: int = 500,
+             image_size: int = 64, quality: int = 95) -> dict[str, Any]:
+    """Writes the dataset under `out` (see module docstring) and returns meta.json's content."""
+    if num < 1 or num_eval < 0:
+        raise ValueError("need num >= 1 and num_eval >= 0")
+    out = Path(out)
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    stage1, stage2, coco_images, coco_caps, coco_inst, cc_ann = [], [], [], [], [], []
+    cat_ids = {s: i + 1 for i, s in enumerate(SHAPES)}
+    for i in range(num):
+        name = f"syn_{i:06d}.jpg"
+        objs = make_scene(rng, image_size)
+        render(objs, image_size).save(img_dir / name, quality=quality)
+        rid = f"syn_{i:06d}"
+        prompt = _CAPTION_PROMPTS[int(rng.integers(0, len(_CAPTION_PROMPTS)))]
+        stage1.append({"id": rid, "image": name, "conversations": [
+            {"from": "human", "value": f"<image>\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n<image>"},
+            {"from": "gpt", "value": caption(objs, variant=int(rng.integers(0, 5)))},
+        ]})
+        stage2.append({"id": rid, "image": name,
+                       "conversations": _conversation(questions(objs, rng), rng, int(rng.integers(2, 4)))})
+        coco_images.append({"id": i + 1, "file_name": name, "width": image_size, "height": image_size})
+        for v in range(5):
+            coco_caps.append({"id": len(coco_caps) + 1, "image_id": i + 1, "caption": caption(objs, variant=v)})
+        for o in objs:
+            x0, y0, x1, y1 = o.box
+            coco_inst.append({"id": len(coco_inst) + 1, "image_id": i + 1, "category_id": cat_ids[o.shape],
+                              "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                              "area": float((x1 - x0) * (y1 - y0)), "iscrowd": 0,
+                              "attributes": {"color": o.color, "size": o.size}})
+        cc_ann.append({"image_id": rid, "caption": detailed_description(objs)})
+    eval_rows = []
+    eval_rng = np.random.default_rng([seed, 1])
+    for j in range(num_eval):
+        category = CATEGORIES[j % len(CATEGORIES)]
+        count = None
+        if category == "size":
+            count = int(eval_rng.integers(2, 4))
+        while True:  # the size question needs a large and a small object
+            objs = make_scene(eval_rng, image_size, count)
+            qs = questions(objs, eval_rng)
+            if category in qs:
+                break
+        name = f"syn_eval_{j:05d}.jpg"
+        render(objs, image_size).save(img_dir / name, quality=quality)
+        q = qs[category]
+        eval_rows.append({"question_id": j, "image": name, "text": q["text"], "answer": q["answer"],
+                          "choices": q["choices"], "category": category})
+    chance = float(np.mean([1 / len(r["choices"]) for r in eval_rows])) if eval_rows else 0.0
+    lio.atomic_write_json(out / "stage1.json", stage1, indent=None)
+    lio.atomic_write_json(out / "stage2.json", stage2, indent=None)
+    lio.atomic_write_jsonl(out / "eval.jsonl", eval_rows)
+    categories = [{"id": cat_ids[s], "name": s, "supercategory": "shape"} for s in SHAPES]
+    lio.atomic_write_json(out / "coco" / "captions.json",
+                          {"images": coco_images, "annotations": coco_caps, "categories": categories}, indent=None)
+    lio.atomic_write_json(out / "coco" / "instances.json",
+                          {"images": coco_images, "annotations": coco_inst, "categories": categories}, indent=None)
+    cc_dir = out / "cc_sbu_align"
+    cc_img = cc_dir / "image"
+    if cc_img.exists():
+        shutil.rmtree(cc_img)
+    cc_img.mkdir(parents=True)
+    for i in range(num):
+        src = Path("..") / ".." / "images" / f"syn_{i:06d}.jpg"
+        try:
+            os.symlink(src, cc_img / f"syn_{i:06d}.jpg")
+        except OSError:
+            shutil.copyfile(img_dir / f"syn_{i:06d}.jpg", cc_img / f"syn_{i:06d}.jpg")
+    lio.atomic_write_json(cc_dir / "filter_cap.json", {"annotations": cc_ann}, indent=None)
+    per_cat: dict[str, int] = {}
+    for r in eval_rows:
+        per_cat[r["category"]] = per_cat.get(r["category"], 0) + 1
+    meta = {
+        "seed": seed, "image_size": image_size, "num_train_images": num, "num_eval": len(eval_rows),
+        "stage1_records": len(stage1), "stage2_records": len(stage2),
+        "stage2_turns": sum(len(r["conversations"]) // 2 for r in stage2),
+        "eval_per_category": per_cat, "chance": chance, "colors": list(COLORS), "shapes": list(SHAPES),
+        "categories": list(CATEGORIES),
+        "scoring": "llava_jax.data.synthetic.score_answer: the reply names the answer and no other choice",
+    }
+    lio.atomic_write_json(out / "meta.json", meta)
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (see module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m llava_jax.data.synthetic", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, default=5000, help="training images")
+    p.add_argument("--num-eval", type=int, default=500, help="held-out eval questions (one image each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    meta = generate(args.out, args.num, args.seed, args.num_eval, args.image_size)
+    print(f"wrote {meta['num_train_images']} training images, {meta['num_eval']} eval questions "
+          f"(chance {meta['chance']:.3f}) to {args.out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
