@@ -52,6 +52,15 @@ def build(config: LlavaConfig, seed: int = 0, **kw):
     return build_llava(config, seed=seed, **kw)
 
 
+def set_unroll(model, unroll: int) -> None:
+    """Sets how many scanned layers run per loop iteration on every stack (0: fully unrolled)."""
+    from flax import nnx
+
+    for _, m in nnx.iter_modules(model):
+        if hasattr(m, "scan_unroll"):
+            m.scan_unroll = True if unroll == 0 else unroll
+
+
 def time_call(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()

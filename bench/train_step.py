@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.5, help="supervised-position budget (0: project all)")
     p.add_argument("--chunk", type=int, default=0, help="vocabulary chunk in positions (0: none)")
     p.add_argument("--remat", default="none")
+    p.add_argument("--unroll", type=int, default=1, help="layers per scan iteration (0: fully unrolled)")
+    p.add_argument("--ours-only", action="store_true", help="time llava_jax alone (for trying settings)")
     args = p.parse_args()
 
     import torch
@@ -76,8 +78,8 @@ def main() -> None:
     torch.manual_seed(0)
     config = common.bench_config()
     model = common.build(config, remat=args.remat)
-    hf = common.hf_twin(model, config)
-    hf.train()
+    common.set_unroll(model, args.unroll)
+    hf = None if args.ours_only else common.hf_twin(model, config)
     batch = make_batch(config, args.batch, args.seq)
     tokens = args.batch * args.seq
 
@@ -91,7 +93,15 @@ def main() -> None:
         loss.block_until_ready()
         return loss
 
+    if args.ours_only:
+        run_ours()
+        ts = [common.time_call(run_ours) for _ in range(args.rounds)]
+        print(f"ours {tokens / common.median(ts):.0f} tok/s ({common.median(ts):.2f} s/step)")
+        common.emit({"bench": "train_step", "ours_step_s": common.median(ts), "ours_tokens_per_s": tokens / common.median(ts)})
+        return
+
     # ---- transformers
+    hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
     tb = {"input_ids": torch.tensor(batch["input_ids"], dtype=torch.long),
           "labels": torch.tensor(batch["labels"], dtype=torch.long),

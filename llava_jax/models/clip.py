@@ -82,6 +82,7 @@ class EncoderStack(nnx.Module):
     def __init__(self, num_layers: int, width: int, mlp: int, heads: int, act: str, eps: float, *, rngs,
                  param_dtype=jnp.float32):
         self.num_layers, self.heads, self.act, self.eps = num_layers, heads, act, eps
+        self.scan_unroll: int | bool = 1  # layers per scan iteration (True: fully unrolled)
         n, d, f = num_layers, width, mlp
         std = width**-0.5
 
@@ -138,7 +139,7 @@ class EncoderStack(nnx.Module):
 
         if n == 0:
             return h, jnp.zeros((0, *h.shape), h.dtype)
-        return jax.lax.scan(L.maybe_remat(body, remat), h, weights)
+        return jax.lax.scan(L.maybe_remat(body, remat), h, weights, unroll=self.scan_unroll)
 
 
 class CLIPVisionModel(nnx.Module):

@@ -124,6 +124,7 @@ class LlamaForCausalLM(nnx.Module):
                  attention_impl: str | None = None, remat: str | None = None):
         self.config, self.dtype = config, dtype
         self.attention_impl, self.remat = attention_impl, remat
+        self.scan_unroll: int | bool = 1  # layers per scan iteration (True: fully unrolled)
         c = config
         n, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
         qd, kd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -253,7 +254,7 @@ class LlamaForCausalLM(nnx.Module):
                 q, k, v = qkv(x, w)
                 return attend_and_mlp(x, w, k, v, q), None
 
-            h, _ = jax.lax.scan(L.maybe_remat(body, self.remat), h, weights)
+            h, _ = jax.lax.scan(L.maybe_remat(body, self.remat), h, weights, unroll=self.scan_unroll)
             new_cache = None
         else:
             start = cache["index"]
@@ -269,7 +270,8 @@ class LlamaForCausalLM(nnx.Module):
                 return (attend_and_mlp(x, w, k_all, v_all, q), ck, cv), None
 
             idx = jnp.arange(c.num_hidden_layers)
-            (h, ck, cv), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), (weights, idx))
+            (h, ck, cv), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), (weights, idx),
+                                          unroll=self.scan_unroll)
             new_cache = {"k": ck, "v": cv, "valid": valid, "index": start + t}
         h = L.rms_norm(h, self.norm[...], eps)
         if return_hidden:

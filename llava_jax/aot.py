@@ -1,0 +1,246 @@
+"""Ahead-of-time compile of the real train step for a TPU topology, on a CPU host (needs libtpu:
+`pip install -e .[tpu]`).
+
+    python -m llava_jax.aot --config=configs/finetune.py:7b --topology=v5p-8 \
+        [--config.mesh.fsdp=-1 --config.model.remat=full --config.grad_accum_steps=4] [--json=OUT.json]
+
+Builds the model abstractly (no weights are allocated) from the config's `model.arch` preset, shards it
+on a mesh over the topology's devices with the config's rules, lowers and compiles the same jitted step
+the trainer runs, and prints per-chip memory (arguments, outputs, temporaries, total against the chip's
+HBM) and XLA's flop count with an estimated step time (flops / peak, and bytes / HBM bandwidth).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any
+
+# Compile-only use of libtpu: several compiles (or other jax processes) may load it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from llava_jax import checkpoint as ckpt  # noqa: E402
+from llava_jax import sharding  # noqa: E402
+from llava_jax import train as T  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice: jax topology arguments plus per-chip HBM (GiB), peak bf16 TFLOP/s and HBM GB/s."""
+
+    name: str  # jax topology name, e.g. "v5:2x2x1"
+    chip_config: str  # "megacore" | "default"
+    chips_per_host_bounds: tuple[int, int, int]
+    hbm_gib: float
+    peak_tflops: float
+    hbm_gbps: float
+
+
+# Public per-chip figures (Cloud TPU documentation): v5p 95 GiB / 459 TF / 2765 GB/s,
+# v5e 16 GiB / 197 TF / 819 GB/s, v4 32 GiB / 275 TF / 1228 GB/s, v6e 32 GiB / 918 TF / 1640 GB/s.
+TOPOLOGIES: dict[str, Topology] = {
+    "v4-8": Topology("v4:2x2x1", "megacore", (2, 2, 1), 32.0, 275.0, 1228.0),
+    "v4-16": Topology("v4:2x2x2", "megacore", (2, 2, 1), 32.0, 275.0, 1228.0),
+    "v5p-8": Topology("v5:2x2x1", "megacore", (2, 2, 1), 95.0, 459.0, 2765.0),
+    "v5p-16": Topology("v5:2x2x2", "megacore", (2, 2, 1), 95.0, 459.0, 2765.0),
+    "v5p-32": Topology("v5:2x2x4", "megacore", (2, 2, 1), 95.0, 459.0, 2765.0),
+    "v5e-1": Topology("v5e:1x1", "default", (1, 1, 1), 16.0, 197.0, 819.0),
+    "v5e-4": Topology("v5e:2x2", "default", (2, 2, 1), 16.0, 197.0, 819.0),
+    "v5e-8": Topology("v5e:2x4", "default", (2, 2, 1), 16.0, 197.0, 819.0),
+    "v5e-16": Topology("v5e:4x4", "default", (2, 2, 1), 16.0, 197.0, 819.0),
+    "v5e-32": Topology("v5e:4x8", "default", (2, 2, 1), 16.0, 197.0, 819.0),
+    "v6e-8": Topology("v6e:2x4", "default", (2, 2, 1), 32.0, 918.0, 1640.0),
+}
+
+
+class TopologyError(ValueError):
+    """Unknown topology name, or libtpu is not installed."""
+
+
+def arch_config(arch: str) -> Any:
+    """LlavaConfig of a preset: '7b' / '13b' (LLaVA-1.5: CLIP ViT-L/14-336 + Vicuna, mlp2x_gelu, layer -2),
+    'tiny' (for tests)."""
+    from llava_jax.models.clip import CLIPVisionConfig
+    from llava_jax.models.llama import LlamaConfig
+    from llava_jax.models.llava import LlavaConfig
+
+    vit_l = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                             image_size=336, patch_size=14, projection_dim=768)
+    if arch == "7b":
+        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+        vision = vit_l
+    elif arch == "13b":
+        text = LlamaConfig(vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                           num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096)
+        vision = vit_l
+    elif arch == "tiny":
+        text = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=32, patch_size=8, projection_dim=32)
+    else:
+        raise T.ConfigError(f"unknown model.arch {arch!r}: 7b, 13b or tiny")
+    return LlavaConfig(vision=vision, text=text, image_token_id=32000, projector="mlp2x_gelu",
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=32001)
+
+
+def topology_devices(name: str) -> tuple[list, Topology]:
+    """The devices of a TPU topology description (compile-only; nothing runs)."""
+    if name not in TOPOLOGIES:
+        raise TopologyError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise TopologyError("libtpu is not installed: pip install -e '.[tpu]'") from e
+    from jax.experimental import topologies
+
+    topo = TOPOLOGIES[name]
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name, chip_config_name=topo.chip_config,
+                                        chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=1)
+    return list(desc.devices), topo
+
+
+def _abstract(state: nnx.State, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+
+
+def compile_step(cfg: ml_collections.ConfigDict, devices: list) -> tuple[Any, dict]:
+    """Lowers and compiles the trainer's step for `devices`; returns (compiled, facts)."""
+    from llava_jax.models.llava import Llava
+
+    mcfg = arch_config(cfg.model.arch)
+    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+    rules = sharding.rules_from_config(cfg.axis_rules)
+    total_steps = max(cfg.max_steps, 1000)
+    tx, _ = T.make_optimizer(cfg, total_steps)
+    trainable = ckpt.trainable_filter(cfg.trainable)
+    remat = None if cfg.model.remat == "none" else cfg.model.remat
+
+    def build():
+        model = Llava(mcfg, dtype=T.dtype_of(cfg.model.dtype), param_dtype=T.dtype_of(cfg.model.param_dtype),
+                      rngs=nnx.Rngs(0), attention_impl=cfg.model.attention_impl or None, remat=remat)
+        return model, nnx.Optimizer(model, tx, wrt=trainable)
+
+    model, optimizer = nnx.eval_shape(build)
+    parts = T.split_parts(model, optimizer, trainable)
+    batch_sh = T.batch_shardings_for(mesh, rules)
+    step = T.make_step_fn(parts, accum=cfg.grad_accum_steps, batch_constraint=T.micro_batch_constraint(mesh, rules),
+                          loss_budget=cfg.model.loss_budget or None, loss_chunk=cfg.model.loss_chunk)
+    jitted, p_sh, o_sh = T.jit_step(step, parts, mesh, rules, batch_sh)
+    f_sh = sharding.state_shardings(parts.frozen, mesh, rules)
+    r_sh = sharding.state_shardings(parts.rest, mesh, rules)
+    b, t, s = cfg.batch_size, cfg.data.max_length, mcfg.vision.image_size
+    shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
+              "pixel_values": ((b, s, s, 3), jnp.float32), "has_image": ((b,), jnp.bool_)}
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k]) for k, (shape, dt) in shapes.items()}
+    t0 = time.time()
+    with jax.set_mesh(mesh):
+        lowered = jitted.lower(_abstract(parts.params, p_sh), _abstract(parts.opt_state, o_sh),
+                               _abstract(parts.frozen, f_sh), _abstract(parts.rest, r_sh), batch)
+    t1 = time.time()
+    compiled = lowered.compile()
+    t2 = time.time()
+    facts = {
+        "mesh": {n: int(mesh.shape[n]) for n in mesh.axis_names},
+        "params_total": T.count_params(nnx.state(model, nnx.Param)),
+        "params_trainable": T.count_params(parts.params),
+        "model_flops": T.model_flops_per_step(mcfg, cfg.batch_size, cfg.data.max_length, T.trained_parts(parts.params)),
+        "lower_s": round(t1 - t0, 1),
+        "compile_s": round(t2 - t1, 1),
+    }
+    return compiled, facts
+
+
+def report(compiled: Any, facts: dict, topo: Topology, cfg: ml_collections.ConfigDict) -> dict:
+    """Per-chip memory and cost figures of a compiled step (as a dict; also printed)."""
+    gib = 1024**3
+    mem = compiled.memory_analysis()
+    args = mem.argument_size_in_bytes
+    outs = mem.output_size_in_bytes
+    alias = getattr(mem, "alias_size_in_bytes", 0)
+    temps = mem.temp_size_in_bytes
+    code = getattr(mem, "generated_code_size_in_bytes", 0)
+    total = args + outs - alias + temps + code
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    flops = float(cost.get("flops", 0.0))
+    bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    chips = math.prod(facts["mesh"].values())
+    model_flops_chip = facts["model_flops"] / chips
+    t_flops = model_flops_chip / (topo.peak_tflops * 1e12)
+    t_bytes = bytes_accessed / (topo.hbm_gbps * 1e9)
+    tokens = cfg.batch_size * cfg.data.max_length
+    out = dict(facts)
+    out.update({
+        "per_chip_gib": {"arguments": args / gib, "outputs": outs / gib, "aliased": alias / gib,
+                         "temporaries": temps / gib, "code": code / gib, "total": total / gib,
+                         "hbm": topo.hbm_gib},
+        "fits": total / gib <= topo.hbm_gib,
+        "xla_flops_per_chip": flops,  # XLA counts a scanned layer's body once
+        "model_flops_per_chip": model_flops_chip,
+        "bytes_accessed_per_chip": bytes_accessed,
+        "est_step_s_compute": t_flops,  # model FLOPs at 100% of peak: a lower bound
+        "est_step_s_memory": t_bytes,
+        "est_step_s": max(t_flops, t_bytes),
+        "est_step_s_at_50pct_mfu": 2 * t_flops,
+        "tokens_per_step": tokens,
+    })
+    return out
+
+
+def print_report(r: dict, topology: str, cfg: ml_collections.ConfigDict) -> None:
+    m = r["per_chip_gib"]
+    print(f"topology {topology}: mesh {r['mesh']}; {r['params_total'] / 1e9:.2f}B params, "
+          f"{r['params_trainable'] / 1e9:.2f}B trainable; batch {cfg.batch_size} x {cfg.data.max_length} tokens, "
+          f"grad accumulation {cfg.grad_accum_steps}, remat {cfg.model.remat}, compute {cfg.model.dtype}")
+    print(f"per-chip memory (GiB): arguments {m['arguments']:.2f}, outputs {m['outputs']:.2f} "
+          f"(aliased {m['aliased']:.2f}), temporaries {m['temporaries']:.2f}, total {m['total']:.2f} "
+          f"of {m['hbm']:.0f} HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}")
+    print(f"per chip: {r['model_flops_per_chip'] / 1e12:.1f} model TFLOP per step (XLA's count, scan bodies once: "
+          f"{r['xla_flops_per_chip'] / 1e12:.1f} TFLOP, {r['bytes_accessed_per_chip'] / 1e9:.1f} GB accessed); "
+          f"estimated step {r['est_step_s']:.2f}s at peak, {r['est_step_s_at_50pct_mfu']:.2f}s at 50% MFU; "
+          f"lower {r['lower_s']}s, compile {r['compile_s']}s")
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    cfg = flags.FLAGS.config
+    if not cfg.model.arch:
+        print("error: the config has no model.arch preset (7b, 13b, tiny)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        devices, topo = topology_devices(flags.FLAGS.topology)
+        compiled, facts = compile_step(cfg, devices)
+    except (TopologyError, T.ConfigError, sharding.MeshConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    r = report(compiled, facts, topo, cfg)
+    r["topology"] = flags.FLAGS.topology
+    print_report(r, flags.FLAGS.topology, cfg)
+    if flags.FLAGS.json:
+        from llava_jax.io import atomic_write_json
+
+        atomic_write_json(flags.FLAGS.json, r)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/finetune.py:7b", lock_config=True)
+    flags.DEFINE_string("topology", "v5p-8", f"one of {', '.join(TOPOLOGIES)}")
+    flags.DEFINE_string("json", "", "also write the figures to this JSON file")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

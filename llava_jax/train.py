@@ -1,0 +1,915 @@
+"""The LLaVA trainer: one readable loop for stage 1 (projector) and stage 2 (projector + LLM).
+
+    python -m llava_jax.train --config=configs/finetune.py:demo --workdir=runs/demo/stage2 \
+        [--config.optimizer.lr=1e-4 ...]
+
+Bannered sections, in the order they run: mesh -> model -> data -> shard -> step -> checkpoint -> loop -> eval.
+The workdir receives metrics.jsonl, TensorBoard events (tb/), checkpoints/ (trainable parameters,
+optimizer state, step and data-iterator state), run.json (where the frozen weights come from) and, for
+configs with an eval file, eval.json. Rerunning the same command resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from llava_jax import checkpoint as ckpt
+from llava_jax import sharding
+from llava_jax.loss import IGNORE_INDEX, llava_loss
+
+log = logging.getLogger("llava_jax.train")
+
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "has_image")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class ConfigError(ValueError):
+    """The training config is inconsistent."""
+
+
+# ===================================================================================================
+# Config defaults (configs/pretrain.py and configs/finetune.py start from this and set the recipe).
+# ===================================================================================================
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with neutral defaults; stage configs override the recipe."""
+    c = ml_collections.ConfigDict()
+    c.stage = "finetune"  # informational: 'pretrain' (stage 1) or 'finetune' (stage 2)
+    c.init_from = ""  # a model dir (convert compose / from-hf) or an earlier stage's workdir
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights
+    c.model.remat = "none"  # none | full | dots | dots_no_batch (jax.checkpoint policy of each scanned layer)
+    c.model.loss_budget = 0.5  # fraction of positions sent through the vocabulary projection (0 = all)
+    c.model.loss_chunk = 0  # positions per vocabulary chunk in the loss (0 = one piece)
+    c.model.attention_impl = ""  # '' (XLA default) | xla | cudnn (jax.nn.dot_product_attention implementation)
+    c.model.arch = ""  # preset name used by aot.py when there is no model dir (7b, 13b)
+
+    # Which parameters train: regexes searched in 'a/b/c' parameter paths; everything else is frozen.
+    c.trainable = ("^projector/",)
+    c.projector_pattern = "^projector/"  # gets optimizer.projector_lr when that is > 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "llava_json"  # llava_json | random (fixed-shape random tokens, for AOT/benchmarks)
+    c.data.train_file = ""
+    c.data.image_root = ""
+    c.data.template = "vicuna_v1"
+    c.data.max_length = 2048
+    c.data.bucket_lengths = ()  # empty = the pipeline's default buckets up to max_length
+    c.data.aspect = "pad"
+    c.data.num_workers = 0
+    c.data.shuffle = True
+    c.data.max_skip_fraction = 0.01
+
+    c.batch_size = 128  # global, per optimizer step
+    c.grad_accum_steps = 1
+    c.num_epochs = 1.0
+    c.max_steps = -1  # > 0 overrides num_epochs
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 2e-5
+    c.optimizer.projector_lr = 0.0  # 0 = same as lr
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.warmup_ratio = 0.03
+    c.optimizer.schedule = "cosine"  # cosine | constant | linear
+    c.optimizer.grad_clip = 1.0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    # logical axis -> mesh axes, by precedence; "name:" = replicated
+    c.axis_rules = sharding.rules_to_config(sharding.DEFAULT_RULES)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.use_async = True
+
+    c.log_every = 10
+    c.peak_tflops_per_device = 0.0  # 0 = look up the device kind; unknown kinds report no MFU
+    c.progress = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.file = ""  # held-out JSONL (question_id, image, text, answer, choices)
+    c.eval.image_root = ""
+    c.eval.max_new_tokens = 8
+    c.eval.batch_size = 32
+    c.eval.limit = 0  # > 0: first N questions only
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ""  # host:port; empty = from the environment
+    c.distributed.num_processes = -1
+    c.distributed.process_id = -1
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.fail_at_step = -1  # tests: inject a NaN loss at this step
+    c.debug.step_sleep_s = 0.0  # tests: sleep after every step (to interrupt a run at a known point)
+    return c
+
+
+# Peak dense bf16 TFLOP/s per chip, for MFU when the config gives none.
+PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+               "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0,
+               "NVIDIA A100": 312.0}
+
+
+def banner(title: str) -> None:
+    """Prints a section banner (process 0 only)."""
+    if jax.process_index() == 0:
+        print(f"\n==== {title} " + "=" * max(0, 90 - len(title)), flush=True)
+
+
+def info(msg: str) -> None:
+    """Prints a line on process 0."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def dtype_of(name: str) -> Any:
+    """'bfloat16' | 'float32' | 'float16' -> jnp dtype."""
+    table = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+    if name not in table:
+        raise ConfigError(f"unknown dtype {name!r}; known: {sorted(table)}")
+    return table[name]
+
+
+# ===================================================================================================
+# mesh
+# ===================================================================================================
+
+
+def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+    """Calls jax.distributed.initialize when configured (flags or the usual JAX_* environment)."""
+    d = cfg.distributed
+    env_coord = os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if not (d.enabled or d.coordinator_address or env_coord):
+        return
+    if jax.distributed.is_initialized():
+        return
+    kwargs: dict[str, Any] = {}
+    if d.coordinator_address or env_coord:
+        kwargs["coordinator_address"] = d.coordinator_address or env_coord
+    num = d.num_processes if d.num_processes > 0 else int(os.environ.get("JAX_NUM_PROCESSES", "-1"))
+    pid = d.process_id if d.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    if num > 0:
+        kwargs["num_processes"] = num
+    if pid >= 0:
+        kwargs["process_id"] = pid
+    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+
+
+# ===================================================================================================
+# data
+# ===================================================================================================
+
+
+class RandomBatches:
+    """Fixed-shape random batches (token ids, labels, images) for ahead-of-time compiles and benchmarks.
+
+    Deterministic per (seed, step); `get_state` / `set_state` hold the step, so resume is exact.
+    Batch arrays: input_ids/labels/attention_mask [B, T] int32, pixel_values [B, S, S, 3] f32, has_image [B].
+    """
+
+    def __init__(self, batch: int, length: int, image_size: int, vocab: int, image_token_id: int,
+                 num_image_tokens: int, seed: int):
+        self.batch, self.length, self.image_size = batch, length, image_size
+        self.vocab, self.image_token_id, self.num_image_tokens = vocab, image_token_id, num_image_tokens
+        self.seed, self.step = seed, 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        # The global batch is drawn from (seed, step) and each process keeps rows p::P, so the global
+        # batch holds the same examples whatever the process count.
+        rng = np.random.default_rng([self.seed, self.step])
+        self.step += 1
+        procs, rows = jax.process_count(), slice(jax.process_index(), None, jax.process_count())
+        b = self.batch * procs
+        ids = rng.integers(3, self.vocab, size=(b, self.length), dtype=np.int32)
+        ids[ids == self.image_token_id] = 3
+        ids[:, 1 : 1 + self.num_image_tokens] = self.image_token_id
+        labels = ids.copy()
+        labels[:, : 1 + self.num_image_tokens] = IGNORE_INDEX
+        batch = {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": np.ones_like(ids),
+            "pixel_values": rng.standard_normal((b, self.image_size, self.image_size, 3), dtype=np.float32),
+            "has_image": np.ones((b,), dtype=bool),
+        }
+        return {k: v[rows] for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def make_train_iterator(cfg: ml_collections.ConfigDict, loaded: Any, per_process_batch: int) -> tuple[Any, int]:
+    """Returns (iterator with get_state/set_state, number of training examples or -1 when unbounded)."""
+    if cfg.data.source == "random":
+        mcfg = loaded.config
+        it = RandomBatches(per_process_batch, cfg.data.max_length, mcfg.vision.image_size, mcfg.text.vocab_size,
+                           mcfg.image_token_id, mcfg.num_image_tokens, cfg.seed)
+        return it, -1
+    if cfg.data.source != "llava_json":
+        raise ConfigError(f"unknown data.source {cfg.data.source!r} (llava_json | random)")
+    if not cfg.data.train_file:
+        raise ConfigError("data.train_file is empty: set --config.data.train_file=FILE")
+    from llava_jax.data import pipeline
+
+    data_cfg = {
+        "data": cfg.data.train_file,
+        "image_root": cfg.data.image_root,
+        "template": cfg.data.template,
+        "max_length": cfg.data.max_length,
+        "buckets": list(cfg.data.bucket_lengths) or None,
+        "shuffle": cfg.data.shuffle,
+        "num_workers": cfg.data.num_workers,
+        "max_skip_fraction": cfg.data.max_skip_fraction,
+    }
+    num_examples = len(pipeline.build_dataset(dict(data_cfg, num_epochs=1), seed=cfg.seed))
+    image_config = dataclasses.replace(loaded.image_config, aspect=cfg.data.aspect)
+    it = pipeline.make_train_iterator(
+        dict(data_cfg, num_epochs=None),
+        loaded.tokenizer,
+        image_config,
+        loaded.config.num_image_tokens,
+        loaded.config.image_token_id,
+        per_process_batch * jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        seed=cfg.seed,
+    )
+    return it, num_examples
+
+
+def to_global_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """Per-process numpy slices -> global jax.Arrays laid out by `shardings` (batch axis over data)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in BATCH_KEYS}
+
+
+# ===================================================================================================
+# model
+# ===================================================================================================
+
+
+def load_model(cfg: ml_collections.ConfigDict) -> Any:
+    """The starting model: a model dir, or an earlier workdir (its base plus its trained weights)."""
+    if not cfg.init_from:
+        raise ConfigError("init_from is empty: give a model dir (convert compose) or a stage-1 workdir")
+    if not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from {cfg.init_from!r} does not exist")
+    return ckpt.load_base_model(cfg.init_from, dtype=dtype_of(cfg.model.dtype),
+                                param_dtype=dtype_of(cfg.model.param_dtype))
+
+
+def count_params(state: nnx.State) -> int:
+    """Number of scalars in a state."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+# ===================================================================================================
+# step
+# ===================================================================================================
+
+
+def path_key(path: tuple) -> str:
+    """jax key path -> 'a/b/c'."""
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                parts.append(str(getattr(p, attr)))
+                break
+        else:
+            parts.append(str(p))
+    return "/".join(parts)
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict, peak: float, total_steps: int) -> optax.Schedule:
+    """Warmup (ceil(ratio * total) steps, linear from 0) then cosine / linear decay to 0, or constant."""
+    o = cfg.optimizer
+    warmup = int(math.ceil(o.warmup_ratio * total_steps))
+    if o.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
+                                    [warmup]) if warmup else optax.constant_schedule(peak)
+    decay = max(total_steps - warmup, 1)
+    if o.schedule == "cosine":
+        tail = optax.cosine_decay_schedule(peak, decay)
+    elif o.schedule == "linear":
+        tail = optax.linear_schedule(peak, 0.0, decay)
+    else:
+        raise ConfigError(f"unknown optimizer.schedule {o.schedule!r} (cosine | linear | constant)")
+    if not warmup:
+        return tail
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), tail], [warmup])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW with global-norm clipping; the projector may get its own peak learning rate.
+
+    Returns (tx, schedule of the main group) - the schedule is for logging.
+    """
+    o = cfg.optimizer
+    main = lr_schedule(cfg, o.lr, total_steps)
+
+    def adamw(schedule: optax.Schedule) -> optax.GradientTransformation:
+        return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                           mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+
+    if o.projector_lr and o.projector_lr > 0:
+        pattern = re.compile(cfg.projector_pattern)
+
+        def labels(params: Any) -> Any:
+            return jax.tree_util.tree_map_with_path(
+                lambda path, _: "projector" if pattern.search(path_key(path)) else "main", params)
+
+        inner = optax.multi_transform(
+            {"projector": adamw(lr_schedule(cfg, o.projector_lr, total_steps)), "main": adamw(main)}, labels)
+    else:
+        inner = adamw(main)
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip and o.grad_clip > 0 else []
+    return optax.chain(*parts, inner), main
+
+
+def set_runtime_options(model: Any, *, remat: str, attention_impl: str | None) -> None:
+    """Sets the remat policy name and attention implementation on every submodule that has them."""
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "remat"):
+            module.remat = None if remat == "none" else remat
+        if attention_impl and hasattr(module, "attention_impl"):
+            module.attention_impl = attention_impl
+
+
+@dataclasses.dataclass
+class StepParts:
+    """The split model / optimizer the jitted step works on."""
+
+    graphdef: Any
+    opt_graphdef: Any
+    params: nnx.State  # trainable (donated, returned)
+    frozen: nnx.State  # frozen parameters (read only)
+    rest: nnx.State  # any non-parameter state of the model (read only)
+    opt_state: nnx.State  # donated, returned
+
+
+def split_for_training(model: Any, tx: optax.GradientTransformation, trainable: Any) -> StepParts:
+    """Builds nnx.Optimizer(model, tx, wrt=trainable) and splits model and optimizer states."""
+    return split_parts(model, nnx.Optimizer(model, tx, wrt=trainable), trainable)
+
+
+def split_parts(model: Any, optimizer: nnx.Optimizer, trainable: Any) -> StepParts:
+    """Splits a model (trainable / frozen params / other state) and its optimizer (also abstract ones)."""
+    opt_graphdef, opt_state = nnx.split(optimizer)
+    graphdef, params, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
+    return StepParts(graphdef, opt_graphdef, params, frozen, rest, opt_state)
+
+
+def make_step_fn(parts: StepParts, *, accum: int, batch_constraint: Callable | None = None,
+                 loss_budget: float | None = 0.5, loss_chunk: int = 0) -> Callable:
+    """The pure train step: (params, opt_state, frozen, rest, batch) -> (params, opt_state, metrics).
+
+    Gradients are summed over `accum` micro-batches (lax.scan) and divided by the total count of
+    supervised tokens, so accum x micro-batch equals one batch of the same global size. The batch's
+    leading axis B is split as [B / accum, accum] so every micro-batch spans all data shards.
+    The loss is `llava_jax.loss.llava_loss` (supervised positions only; `loss_budget` / `loss_chunk`).
+    metrics: loss (mean per token), tokens, grad_norm, all scalars.
+    """
+    graphdef, opt_graphdef = parts.graphdef, parts.opt_graphdef
+
+    def micro_loss(params: nnx.State, frozen: nnx.State, rest: nnx.State, micro: dict) -> tuple[jax.Array, jax.Array]:
+        model = nnx.merge(graphdef, params, frozen, rest)
+        return llava_loss(model, micro, budget_fraction=loss_budget, chunk=loss_chunk)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(params, opt_state, frozen, rest, batch):
+        if accum == 1:
+            (loss_sum, count), grads = grad_fn(params, frozen, rest, batch)
+        else:
+            def split(x: jax.Array) -> jax.Array:
+                y = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+                y = jnp.swapaxes(y, 0, 1)
+                return batch_constraint(y) if batch_constraint is not None else y
+
+            micro_batches = {k: split(v) for k, v in batch.items()}
+
+            def body(carry, micro):
+                g_acc, l_acc, c_acc = carry
+                (loss_i, count_i), g = grad_fn(params, frozen, rest, micro)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss_i, c_acc + count_i), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro_batches)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        model = nnx.merge(graphdef, params, frozen, rest)
+        optimizer = nnx.merge(opt_graphdef, opt_state)
+        optimizer.update(model, grads)
+        new_params = nnx.state(model, _same_paths(params))
+        metrics = {"loss": loss_sum / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+        return new_params, nnx.state(optimizer), metrics
+
+    return step
+
+
+def _same_paths(state: nnx.State) -> Callable:
+    """nnx filter selecting exactly the paths present in `state`."""
+    paths = {tuple(p) for p, _ in nnx.to_flat_state(state)}
+
+    def f(path: tuple, value: Any) -> bool:
+        return tuple(path) in paths
+
+    return f
+
+
+def jit_step(step: Callable, parts: StepParts, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+             batch_shardings: dict) -> tuple[Callable, Any, Any]:
+    """jax.jit with explicit in/out shardings; params and optimizer state donated.
+
+    Returns (jitted step, params shardings, opt-state shardings).
+    """
+    p_sh = sharding.state_shardings(parts.params, mesh, rules)
+    o_sh = sharding.state_shardings(parts.opt_state, mesh, rules)
+    f_sh = sharding.state_shardings(parts.frozen, mesh, rules)
+    r_sh = sharding.state_shardings(parts.rest, mesh, rules)
+    rep = sharding.replicated(mesh)
+    metric_sh = {"loss": rep, "tokens": rep, "grad_norm": rep}
+
+    def with_rules(*args):
+        with sharding.axis_rules(rules):
+            return step(*args)
+
+    jitted = jax.jit(with_rules, in_shardings=(p_sh, o_sh, f_sh, r_sh, batch_shardings),
+                     out_shardings=(p_sh, o_sh, metric_sh), donate_argnums=(0, 1))
+    return jitted, p_sh, o_sh
+
+
+def batch_shardings_for(mesh: jax.sharding.Mesh, rules: sharding.Rules) -> dict[str, Any]:
+    """Shardings of the batch dict: the leading (batch) axis over the 'batch' rule."""
+    ndims = {"pixel_values": 4, "has_image": 1}
+    return {k: sharding.data_sharding(mesh, ndims.get(k, 2), rules) for k in BATCH_KEYS}
+
+
+def micro_batch_constraint(mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Callable:
+    """Constraint for stacked micro-batches [accum, B / accum, ...]: the second axis over the 'batch' rule."""
+
+    def constrain(y: jax.Array) -> jax.Array:
+        spec = jax.sharding.PartitionSpec(None, *sharding.data_sharding(mesh, y.ndim - 1, rules).spec)
+        return jax.lax.with_sharding_constraint(y, jax.sharding.NamedSharding(mesh, spec))
+
+    return constrain
+
+
+def place(state: nnx.State, shardings: Any) -> nnx.State:
+    """device_put every leaf of `state` with its sharding."""
+    return jax.device_put(state, shardings)
+
+
+# ===================================================================================================
+# metrics
+# ===================================================================================================
+
+
+class MetricWriter:
+    """metrics.jsonl (appended, one object per logging interval) + TensorBoard on process 0."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops lines beyond `step` (written after the checkpoint a resume starts from)."""
+        if not self.enabled or not self.path.exists():
+            return
+        from llava_jax.io import atomic_write_text
+
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, int | float):
+                self.tb.add_scalar(f"train/{k}", v, row["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def fmt_duration(seconds: float) -> str:
+    """Seconds -> '1h02m', '3m20s' or '12s'."""
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def peak_flops(cfg: ml_collections.ConfigDict) -> float:
+    """Peak FLOP/s per device from the config, else the device-kind table; 0 when unknown."""
+    if cfg.peak_tflops_per_device > 0:
+        return cfg.peak_tflops_per_device * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, tf in PEAK_TFLOPS.items():
+        if kind.startswith(name):
+            return tf * 1e12
+    return 0.0
+
+
+# ===================================================================================================
+# eval
+# ===================================================================================================
+
+
+def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str) -> dict:
+    """Greedy answers to a held-out JSONL (question_id, image, text, answer, choices), with the image and blind.
+
+    A reply is correct when it names the answer and no other choice (`synthetic.score_answer`).
+    Blind = the same questions with the image replaced by a blank (mean-colour) one. Returns
+    {"accuracy", "blind_accuracy", "chance", "n", "by_category"} where chance = mean over questions of
+    1 / #choices and by_category the accuracy (with the image) per `category`.
+    """
+    from PIL import Image
+
+    from llava_jax.data import conversation, images
+    from llava_jax.data.synthetic import score_answer
+    from llava_jax.generate import generate
+    from llava_jax.io import read_jsonl
+
+    rows = read_jsonl(eval_cfg.file)
+    if eval_cfg.limit and eval_cfg.limit > 0:
+        rows = rows[: eval_cfg.limit]
+    if not rows:
+        raise ConfigError(f"eval file {eval_cfg.file} has no questions")
+    tmpl = conversation.get_template(template)
+    tok, icfg, mcfg = loaded.tokenizer, loaded.image_config, loaded.config
+    root = Path(eval_cfg.image_root or Path(eval_cfg.file).parent / "images")
+    mean_rgb = tuple(int(round(255 * m)) for m in icfg.mean)
+    blank = images.preprocess(Image.new("RGB", (icfg.crop_size, icfg.crop_size), mean_rgb), icfg)
+    eos = [i for i in {tok.eos_token_id} if i is not None]
+    stops = tuple(tmpl.stop_strings)
+    results = {"image": 0, "blind": 0}
+    by_cat: dict[str, list[int]] = {}
+    for start in range(0, len(rows), eval_cfg.batch_size):
+        chunk = rows[start : start + eval_cfg.batch_size]
+        prompts = [conversation.encode_prompt([{"from": "human", "value": "<image>\n" + r["text"]}], tmpl, tok,
+                                              num_image_tokens=mcfg.num_image_tokens,
+                                              image_token_id=mcfg.image_token_id) for r in chunk]
+        pix = np.stack([images.preprocess(images.load_rgb(root / r["image"]), icfg) for r in chunk])
+        has = np.ones((len(chunk),), dtype=bool)
+        for name, pixels in (("image", pix), ("blind", np.broadcast_to(blank, pix.shape).copy())):
+            out = generate(model, prompts, pixels, has, max_new_tokens=eval_cfg.max_new_tokens, temperature=0.0,
+                           eos_ids=eos, stop_strings=stops, tokenizer=tok)
+            for r, ids in zip(chunk, out, strict=True):
+                text = tok.decode(ids, skip_special_tokens=True)
+                ok = int(score_answer(text, {"answer": r["answer"], "choices": r.get("choices") or []}))
+                results[name] += ok
+                if name == "image":
+                    by_cat.setdefault(str(r.get("category", "all")), []).append(ok)
+    n = len(rows)
+    chance = float(np.mean([1.0 / len(r["choices"]) if r.get("choices") else 0.0 for r in rows]))
+    return {"accuracy": results["image"] / n, "blind_accuracy": results["blind"] / n, "chance": chance, "n": n,
+            "by_category": {k: float(np.mean(v)) for k, v in sorted(by_cat.items())}}
+
+
+# ===================================================================================================
+# the trainer
+# ===================================================================================================
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint and exits 0 at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            self.requested = True
+
+        self.previous = signal.signal(signal.SIGTERM, handler)
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def total_steps_for(cfg: ml_collections.ConfigDict, num_examples: int) -> int:
+    """Optimizer steps: max_steps when > 0, else num_epochs x examples / global batch (at least 1)."""
+    if cfg.max_steps > 0:
+        return int(cfg.max_steps)
+    if num_examples <= 0:
+        raise ConfigError("the data source has no length: set max_steps")
+    return max(1, int(math.ceil(cfg.num_epochs * num_examples / cfg.batch_size)))
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Runs (or resumes) training into `workdir`; returns a summary dict (steps, last loss, eval)."""
+    workdir = Path(workdir).absolute()
+    if cfg.batch_size % cfg.grad_accum_steps:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not divide by grad_accum_steps {cfg.grad_accum_steps}")
+
+    maybe_initialize_distributed(cfg)  # before anything touches the XLA backend (even jax.process_index)
+    banner("mesh")
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules_from_config(cfg.axis_rules)
+    info(f"{sharding.describe(mesh)}; processes {jax.process_count()} (this is {jax.process_index()})")
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.batch_size // cfg.grad_accum_steps
+    if micro % batch_shards:
+        raise ConfigError(f"micro-batch {micro} does not divide over data x fsdp = {batch_shards} shards")
+    if cfg.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {jax.process_count()} processes")
+    per_process_batch = cfg.batch_size // jax.process_count()
+
+    banner("model")
+    t0 = time.time()
+    loaded = load_model(cfg)
+    model = loaded.model
+    set_runtime_options(model, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl or None)
+    trainable = ckpt.trainable_filter(cfg.trainable)
+    n_total = count_params(nnx.state(model, nnx.Param))
+    n_train = count_params(nnx.state(model, trainable))
+    if n_train == 0:
+        raise ConfigError(f"no parameter matches the trainable patterns {list(cfg.trainable)}")
+    info(f"loaded {cfg.init_from} in {time.time() - t0:.1f}s: {n_total:,} parameters, {n_train:,} trainable "
+         f"({list(cfg.trainable)}), compute {cfg.model.dtype}, params {cfg.model.param_dtype}, remat {cfg.model.remat}")
+
+    banner("data")
+    train_iter, num_examples = make_train_iterator(cfg, loaded, per_process_batch)
+    total_steps = total_steps_for(cfg, num_examples)
+    info(f"source {cfg.data.source} {cfg.data.train_file}: {num_examples if num_examples >= 0 else 'unbounded'} "
+         f"examples; global batch {cfg.batch_size} = {cfg.grad_accum_steps} x {micro}; {total_steps} steps")
+
+    banner("shard")
+    tx, schedule = make_optimizer(cfg, total_steps)
+    with jax.set_mesh(mesh):
+        parts = split_for_training(model, tx, trainable)
+    del model
+    batch_shardings = batch_shardings_for(mesh, rules)
+    p_sh = sharding.state_shardings(parts.params, mesh, rules)
+    params = place(parts.params, p_sh)
+    opt_state = place(parts.opt_state, sharding.state_shardings(parts.opt_state, mesh, rules))
+    frozen = place(parts.frozen, sharding.state_shardings(parts.frozen, mesh, rules))
+    rest = place(parts.rest, sharding.state_shardings(parts.rest, mesh, rules))
+    sharded = sum(1 for s in jax.tree.leaves(p_sh) if any(a is not None for a in s.spec))
+    info(f"params {count_params(params):,} trainable ({sharded}/{len(jax.tree.leaves(p_sh))} arrays sharded) / "
+         f"{count_params(frozen):,} frozen, placed by {len(rules)} rules")
+
+    banner("step")
+    step_fn = make_step_fn(parts, accum=cfg.grad_accum_steps, batch_constraint=micro_batch_constraint(mesh, rules),
+                           loss_budget=cfg.model.loss_budget or None, loss_chunk=cfg.model.loss_chunk)
+    jitted, _, _ = jit_step(step_fn, parts, mesh, rules, batch_shardings)
+    with jax.set_mesh(mesh):
+        flops_per_step = _step_flops(jitted, params, opt_state, frozen, rest, batch_shardings, cfg, loaded)
+    info(f"jit: donated params + optimizer state; grad accumulation {cfg.grad_accum_steps}; "
+         f"{flops_per_step / 1e9:.2f} model GFLOP per step at length {cfg.data.max_length}")
+
+    banner("checkpoint")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        ckpt.write_run_info(workdir, init_from=cfg.init_from, trainable=list(cfg.trainable),
+                            extra={"stage": cfg.stage, "config": json.loads(cfg.to_json_best_effort())})
+    checkpointer = ckpt.TrainCheckpointer(workdir / ckpt.CHECKPOINT_SUBDIR, keep=cfg.checkpoint.keep,
+                                          every_steps=cfg.checkpoint.every_steps, use_async=cfg.checkpoint.use_async)
+    start_step = 0
+    restored = checkpointer.restore_latest(params, opt_state)
+    if restored is not None:
+        nnx.replace_by_pure_dict(params, restored.params)
+        nnx.replace_by_pure_dict(opt_state, restored.opt_state)
+        train_iter.set_state(restored.data_state)
+        start_step = restored.step
+        info(f"resumed from step {start_step} in {checkpointer.directory}")
+    else:
+        info(f"no checkpoint in {checkpointer.directory}: starting at step 0")
+    writer = MetricWriter(workdir)
+    writer.truncate_after(start_step)
+
+    banner("loop")
+    preempt = _Preemption()
+    preempt.install()
+    peak = peak_flops(cfg)
+    pending: list[tuple[int, dict]] = []
+    last_loss = float("nan")
+    step = start_step
+    t_interval = t_start = time.time()
+    finished = False
+    try:
+        with jax.set_mesh(mesh):
+            while step < total_steps:
+                host_batch = next(train_iter)
+                batch_tokens = float(np.sum(host_batch["attention_mask"])) * jax.process_count()
+                batch = to_global_batch(host_batch, batch_shardings)
+                params, opt_state, metrics = jitted(params, opt_state, frozen, rest, batch)
+                step += 1
+                if step == cfg.debug.fail_at_step:
+                    metrics = dict(metrics, loss=jnp.float32(jnp.nan))
+                pending.append((step, metrics, batch_tokens))
+                if cfg.debug.step_sleep_s > 0:
+                    time.sleep(cfg.debug.step_sleep_s)
+                save_due = step % checkpointer.every_steps == 0 or step == total_steps or preempt.requested
+                if step % cfg.log_every == 0 or save_due:
+                    # Losses are checked before any checkpoint is written, so none ever holds NaN weights.
+                    host = [(s, jax.device_get(m), n) for s, m, n in pending]
+                    pending.clear()
+                    for s, m, _ in host:
+                        if not np.isfinite(m["loss"]):
+                            raise TrainingDiverged(f"loss is {float(m['loss'])} at step {s}: stopping "
+                                                   f"(last checkpoint: {checkpointer.all_steps()[-1:] or 'none'})")
+                    now = time.time()
+                    last_loss = float(host[-1][1]["loss"])
+                    row = _metrics_row(step, host, schedule, now - t_interval, flops_per_step, peak)
+                    writer.write(row)
+                    if cfg.progress:
+                        eta = (now - t_start) / max(step - start_step, 1) * (total_steps - step)
+                        info(f"step {step}/{total_steps} loss {last_loss:.4f} lr {row['lr']:.2e} "
+                             f"gnorm {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s "
+                             f"{row['step_time_s']:.3f}s/step" + (f" MFU {row['mfu']:.1%}" if "mfu" in row else "")
+                             + f" ETA {fmt_duration(eta)}")
+                    t_interval = time.time()
+                if save_due:
+                    checkpointer.save(step, params, opt_state, train_iter.get_state(), force=True)
+                if preempt.requested:
+                    info(f"SIGTERM: saving step {step} and exiting")
+                    return {"steps": step, "loss": last_loss, "preempted": True}
+        finished = True
+    finally:
+        preempt.uninstall()
+        checkpointer.close()
+        writer.close()
+        if not finished and hasattr(train_iter, "close"):
+            train_iter.close()
+    summary: dict[str, Any] = {"steps": step, "loss": last_loss, "preempted": False}
+
+    banner("eval")
+    if cfg.eval.file:
+        model = nnx.merge(parts.graphdef, params, frozen, rest)
+        result = evaluate_heldout(model, loaded, cfg.eval, template=cfg.data.template)
+        if jax.process_index() == 0:
+            from llava_jax.io import atomic_write_json
+
+            atomic_write_json(workdir / "eval.json", result)
+        info(f"eval on {cfg.eval.file}: {json.dumps(result)}")
+        summary["eval"] = result
+    else:
+        info("no eval.file configured")
+    return summary
+
+
+def model_flops_per_step(mcfg: Any, batch: int, length: int, trains: dict[str, bool]) -> float:
+    """Analytic matmul FLOPs of one training step (the MFU convention: no rematerialisation counted).
+
+    Forward = 2 x (matmul parameters) per token + attention (QK^T and AV over `length` keys); a part
+    whose weights train costs 3 x forward, a frozen part that gradients pass through 2 x, a frozen part
+    below everything trainable 1 x. trains: {"vision_tower", "projector", "language_model"} -> bool.
+    """
+    t, v = mcfg.text, mcfg.vision
+    qd, kd = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    llm_mm = t.num_hidden_layers * (2 * t.hidden_size * qd + 2 * t.hidden_size * kd + 3 * t.hidden_size
+                                    * t.intermediate_size) + t.hidden_size * t.vocab_size
+    llm_fwd = batch * length * (2 * llm_mm + 4 * t.num_hidden_layers * length * qd)
+    patches = v.num_patches + 1
+    vis_mm = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    vis_fwd = batch * patches * (2 * vis_mm + 4 * v.num_hidden_layers * patches * v.hidden_size)
+    proj_in = v.hidden_size * len(mcfg.feature_layers)
+    proj_mm = proj_in * t.hidden_size + (t.hidden_size**2 if mcfg.projector == "mlp2x_gelu" else 0)
+    proj_fwd = batch * v.num_patches * 2 * proj_mm
+
+    def factor(part: str, below_trainable: bool) -> int:
+        return 3 if trains.get(part) else (2 if below_trainable else 1)
+
+    vision_needs_grad = trains.get("vision_tower", False)
+    proj_needs_grad = vision_needs_grad or trains.get("projector", False)
+    return float(factor("language_model", proj_needs_grad) * llm_fwd
+                 + factor("projector", vision_needs_grad) * proj_fwd
+                 + factor("vision_tower", False) * vis_fwd)
+
+
+def trained_parts(params: nnx.State) -> dict[str, bool]:
+    """Which top-level parts (vision_tower, projector, language_model) have trainable parameters."""
+    tops = {str(p[0]) for p, _ in nnx.to_flat_state(params)}
+    return {name: name in tops for name in ("vision_tower", "projector", "language_model")}
+
+
+def _step_flops(jitted, params, opt_state, frozen, rest, batch_shardings, cfg, loaded) -> float:
+    """Analytic model FLOPs of one step at the longest bucket (XLA's own count sees a scanned layer once)."""
+    return model_flops_per_step(loaded.config, cfg.batch_size, cfg.data.max_length, trained_parts(params))
+
+
+def _batch_shapes(cfg: ml_collections.ConfigDict, loaded: Any) -> dict[str, tuple[tuple, Any]]:
+    """Global batch shapes at the longest bucket: {key: (shape, dtype)}."""
+    b, t = cfg.batch_size, cfg.data.max_length
+    s = loaded.config.vision.image_size
+    return {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
+            "pixel_values": ((b, s, s, 3), jnp.float32), "has_image": ((b,), jnp.bool_)}
+
+
+def _metrics_row(step: int, host: list, schedule: Callable, dt: float, flops_per_step: float, peak: float) -> dict:
+    """One metrics.jsonl row for the steps in `host` [(step, metrics, tokens in the batch)]."""
+    n = len(host)
+    row = {
+        "step": step,
+        "loss": float(np.mean([m["loss"] for _, m, _ in host])),
+        "last_loss": float(host[-1][1]["loss"]),
+        "lr": float(schedule(step - 1)),
+        "grad_norm": float(host[-1][1]["grad_norm"]),
+        "tokens_per_s": sum(t for _, _, t in host) / max(dt, 1e-9),
+        "supervised_tokens_per_s": sum(float(m["tokens"]) for _, m, _ in host) / max(dt, 1e-9),
+        "step_time_s": dt / max(n, 1),
+        "losses": {str(s): float(m["loss"]) for s, m, _ in host},
+    }
+    if flops_per_step:
+        achieved = flops_per_step / max(row["step_time_s"], 1e-9)
+        row["flops_per_s"] = achieved
+        if peak:
+            row["mfu"] = achieved / (peak * jax.device_count())
+    return row
+
+
+# ===================================================================================================
+# CLI
+# ===================================================================================================
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    cfg = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir
+    logging.basicConfig(level=logging.INFO if flags.FLAGS.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for name in ("absl", "orbax", "jax._src"):  # Orbax's informational warnings (read-only restores, ...)
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from llava_jax.data.pipeline import SkipCeilingExceededError
+    from llava_jax.data.sources import DataFileError
+
+    try:
+        summary = train(cfg, workdir)
+    except (TrainingDiverged, ConfigError, ckpt.CheckpointError, sharding.MeshConfigError,
+            SkipCeilingExceededError, DataFileError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    info(f"done: {json.dumps(summary)}")
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/finetune.py[:variant]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "output directory (metrics, checkpoints, eval)")
+    flags.DEFINE_bool("verbose", False, "INFO logging")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
+
