@@ -133,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stage1-steps", type=int, default=0, help="override configs/pretrain.py:demo max_steps")
     p.add_argument("--stage2-steps", type=int, default=0, help="override configs/finetune.py:demo max_steps")
+    p.add_argument("--stage1-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra --config.KEY=VALUE for stage 1 (repeatable)")
+    p.add_argument("--stage2-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra --config.KEY=VALUE for stage 2 (repeatable)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished steps resume)")
     args = p.parse_args(argv)
 
@@ -170,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            f"--config.init_from={model_dir}", f"--config.data.train_file={data / 'stage1.json'}", *common]
     if args.stage1_steps:
         cmd.append(f"--config.max_steps={args.stage1_steps}")
+    cmd += [f"--config.{kv}" for kv in args.stage1_set]
     run(cmd, out / "stage1.log")
     timings["stage1_s"] = time.time() - t
 
@@ -180,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            f"--config.eval.file={data / 'eval.jsonl'}", f"--config.eval.image_root={data / 'images'}", *common]
     if args.stage2_steps:
         cmd.append(f"--config.max_steps={args.stage2_steps}")
+    cmd += [f"--config.{kv}" for kv in args.stage2_set]
     run(cmd, out / "stage2.log")
     timings["stage2_s"] = time.time() - t
     result = read_json(s2 / "eval.json")

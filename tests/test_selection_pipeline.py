@@ -145,7 +145,11 @@ def test_select_llava_sizes_proportions_cache_and_determinism(world, tmp_path):
             if first is None:
                 first = result
                 requests_after_first = len(server.chat_requests())
-                assert requests_after_first == len(records) - 1  # "bad_copy" repeats a prompt: sent once
+                # one request per distinct (instruction, answer) prompt: "bad_copy" and short synthetic answers
+                # that repeat across images share a prompt, which is sent once
+                distinct = {(ex.instruction, ex.answer) for ex in load_dataset(data).examples}
+                sent = [json.dumps(r.json["messages"]) for r in server.chat_requests()]
+                assert len(set(sent)) == len(sent) == requests_after_first == len(distinct) < len(records)
                 assert all(v["computed"] == len(records) for v in result.report["score_runs"].values())
             else:
                 # Every score came from the cache: no scoring pass, no GPT request.
