@@ -27,12 +27,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--unroll", type=int, default=1, help="layers per scan iteration (0: fully unrolled)")
     args = p.parse_args()
 
     import torch
 
     config = common.bench_config()
     model = common.build(config)
+    common.set_unroll(model, args.unroll)
     hf = common.hf_twin(model, config).eval()
     rng = np.random.default_rng(0)
     n_img, size = config.num_image_tokens, config.vision.image_size

@@ -50,9 +50,10 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, pixel_values, has_
     model: Llava = nnx.merge(graphdef, state)
     b = input_ids.shape[0]
     cache = model.language_model.init_cache(b, cache_len)
-    logits, cache = model(input_ids, pixel_values, has_image, attention_mask, cache=cache)
+    # only the last prompt position is projected onto the vocabulary (the others' logits are never used)
+    hidden, cache = model(input_ids, pixel_values, has_image, attention_mask, cache=cache, return_hidden=True)
     key, sub = jax.random.split(key)
-    first = _select(logits[:, -1], sub, temperature, top_p)
+    first = _select(model.language_model.logits(hidden[:, -1]), sub, temperature, top_p)
     out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
 
