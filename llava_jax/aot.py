@@ -29,7 +29,7 @@ import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from llava_jax import checkpoint as ckpt  # noqa: E402
-from llava_jax import sharding  # noqa: E402
+from llava_jax import metrics, sharding  # noqa: E402
 from llava_jax import train as T  # noqa: E402
 
 
@@ -154,7 +154,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list) -> tuple[Any, di
         "mesh": {n: int(mesh.shape[n]) for n in mesh.axis_names},
         "params_total": T.count_params(nnx.state(model, nnx.Param)),
         "params_trainable": T.count_params(parts.params),
-        "model_flops": T.model_flops_per_step(mcfg, cfg.batch_size, cfg.data.max_length, T.trained_parts(parts.params)),
+        "model_flops": metrics.model_flops_per_step(mcfg, cfg.batch_size, cfg.data.max_length, metrics.trained_parts(parts.params)),
         "lower_s": round(t1 - t0, 1),
         "compile_s": round(t2 - t1, 1),
     }

@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 from llava_jax import checkpoint as ckpt
+from llava_jax import metrics as train_metrics
 from llava_jax import sharding
 from llava_jax.loss import IGNORE_INDEX, llava_loss
 
@@ -134,12 +135,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.debug.fail_at_step = -1  # tests: inject a NaN loss at this step
     c.debug.step_sleep_s = 0.0  # tests: sleep after every step (to interrupt a run at a known point)
     return c
-
-
-# Peak dense bf16 TFLOP/s per chip, for MFU when the config gives none.
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-               "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0,
-               "NVIDIA A100": 312.0}
 
 
 def banner(title: str) -> None:
@@ -501,66 +496,6 @@ def place(state: nnx.State, shardings: Any) -> nnx.State:
 
 
 # ===================================================================================================
-# metrics
-# ===================================================================================================
-
-
-class MetricWriter:
-    """metrics.jsonl (appended, one object per logging interval) + TensorBoard on process 0."""
-
-    def __init__(self, workdir: Path):
-        self.enabled = jax.process_index() == 0
-        self.path = workdir / "metrics.jsonl"
-        self.tb = None
-        if self.enabled:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tb"))
-
-    def truncate_after(self, step: int) -> None:
-        """Drops lines beyond `step` (written after the checkpoint a resume starts from)."""
-        if not self.enabled or not self.path.exists():
-            return
-        from llava_jax.io import atomic_write_text
-
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if k != "step" and isinstance(v, int | float):
-                self.tb.add_scalar(f"train/{k}", v, row["step"])
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def fmt_duration(seconds: float) -> str:
-    """Seconds -> '1h02m', '3m20s' or '12s'."""
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-def peak_flops(cfg: ml_collections.ConfigDict) -> float:
-    """Peak FLOP/s per device from the config, else the device-kind table; 0 when unknown."""
-    if cfg.peak_tflops_per_device > 0:
-        return cfg.peak_tflops_per_device * 1e12
-    kind = jax.devices()[0].device_kind
-    for name, tf in PEAK_TFLOPS.items():
-        if kind.startswith(name):
-            return tf * 1e12
-    return 0.0
-
-
-# ===================================================================================================
 # eval
 # ===================================================================================================
 
@@ -706,7 +641,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                            loss_budget=cfg.model.loss_budget or None, loss_chunk=cfg.model.loss_chunk)
     jitted, _, _ = jit_step(step_fn, parts, mesh, rules, batch_shardings)
     with jax.set_mesh(mesh):
-        flops_per_step = _step_flops(jitted, params, opt_state, frozen, rest, batch_shardings, cfg, loaded)
+        flops_per_step = train_metrics.model_flops_per_step(loaded.config, cfg.batch_size, cfg.data.max_length,
+                                                             train_metrics.trained_parts(params))
     info(f"jit: donated params + optimizer state; grad accumulation {cfg.grad_accum_steps}; "
          f"{flops_per_step / 1e9:.2f} model GFLOP per step at length {cfg.data.max_length}")
 
@@ -727,13 +663,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         info(f"resumed from step {start_step} in {checkpointer.directory}")
     else:
         info(f"no checkpoint in {checkpointer.directory}: starting at step 0")
-    writer = MetricWriter(workdir)
+    writer = train_metrics.MetricWriter(workdir)
     writer.truncate_after(start_step)
 
     banner("loop")
     preempt = _Preemption()
     preempt.install()
-    peak = peak_flops(cfg)
+    peak = train_metrics.peak_flops(cfg.peak_tflops_per_device)
     pending: list[tuple[int, dict]] = []
     last_loss = float("nan")
     step = start_step
@@ -763,14 +699,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                                    f"(last checkpoint: {checkpointer.all_steps()[-1:] or 'none'})")
                     now = time.time()
                     last_loss = float(host[-1][1]["loss"])
-                    row = _metrics_row(step, host, schedule, now - t_interval, flops_per_step, peak)
+                    row = train_metrics.metrics_row(step, host, schedule, now - t_interval, flops_per_step, peak)
                     writer.write(row)
                     if cfg.progress:
                         eta = (now - t_start) / max(step - start_step, 1) * (total_steps - step)
                         info(f"step {step}/{total_steps} loss {last_loss:.4f} lr {row['lr']:.2e} "
                              f"gnorm {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s "
                              f"{row['step_time_s']:.3f}s/step" + (f" MFU {row['mfu']:.1%}" if "mfu" in row else "")
-                             + f" ETA {fmt_duration(eta)}")
+                             + f" ETA {train_metrics.fmt_duration(eta)}")
                     t_interval = time.time()
                 if save_due:
                     checkpointer.save(step, params, opt_state, train_iter.get_state(), force=True)
@@ -799,76 +735,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     else:
         info("no eval.file configured")
     return summary
-
-
-def model_flops_per_step(mcfg: Any, batch: int, length: int, trains: dict[str, bool]) -> float:
-    """Analytic matmul FLOPs of one training step (the MFU convention: no rematerialisation counted).
-
-    Forward = 2 x (matmul parameters) per token + attention (QK^T and AV over `length` keys); a part
-    whose weights train costs 3 x forward, a frozen part that gradients pass through 2 x, a frozen part
-    below everything trainable 1 x. trains: {"vision_tower", "projector", "language_model"} -> bool.
-    """
-    t, v = mcfg.text, mcfg.vision
-    qd, kd = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    llm_mm = t.num_hidden_layers * (2 * t.hidden_size * qd + 2 * t.hidden_size * kd + 3 * t.hidden_size
-                                    * t.intermediate_size) + t.hidden_size * t.vocab_size
-    llm_fwd = batch * length * (2 * llm_mm + 4 * t.num_hidden_layers * length * qd)
-    patches = v.num_patches + 1
-    vis_mm = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-    vis_fwd = batch * patches * (2 * vis_mm + 4 * v.num_hidden_layers * patches * v.hidden_size)
-    proj_in = v.hidden_size * len(mcfg.feature_layers)
-    proj_mm = proj_in * t.hidden_size + (t.hidden_size**2 if mcfg.projector == "mlp2x_gelu" else 0)
-    proj_fwd = batch * v.num_patches * 2 * proj_mm
-
-    def factor(part: str, below_trainable: bool) -> int:
-        return 3 if trains.get(part) else (2 if below_trainable else 1)
-
-    vision_needs_grad = trains.get("vision_tower", False)
-    proj_needs_grad = vision_needs_grad or trains.get("projector", False)
-    return float(factor("language_model", proj_needs_grad) * llm_fwd
-                 + factor("projector", vision_needs_grad) * proj_fwd
-                 + factor("vision_tower", False) * vis_fwd)
-
-
-def trained_parts(params: nnx.State) -> dict[str, bool]:
-    """Which top-level parts (vision_tower, projector, language_model) have trainable parameters."""
-    tops = {str(p[0]) for p, _ in nnx.to_flat_state(params)}
-    return {name: name in tops for name in ("vision_tower", "projector", "language_model")}
-
-
-def _step_flops(jitted, params, opt_state, frozen, rest, batch_shardings, cfg, loaded) -> float:
-    """Analytic model FLOPs of one step at the longest bucket (XLA's own count sees a scanned layer once)."""
-    return model_flops_per_step(loaded.config, cfg.batch_size, cfg.data.max_length, trained_parts(params))
-
-
-def _batch_shapes(cfg: ml_collections.ConfigDict, loaded: Any) -> dict[str, tuple[tuple, Any]]:
-    """Global batch shapes at the longest bucket: {key: (shape, dtype)}."""
-    b, t = cfg.batch_size, cfg.data.max_length
-    s = loaded.config.vision.image_size
-    return {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
-            "pixel_values": ((b, s, s, 3), jnp.float32), "has_image": ((b,), jnp.bool_)}
-
-
-def _metrics_row(step: int, host: list, schedule: Callable, dt: float, flops_per_step: float, peak: float) -> dict:
-    """One metrics.jsonl row for the steps in `host` [(step, metrics, tokens in the batch)]."""
-    n = len(host)
-    row = {
-        "step": step,
-        "loss": float(np.mean([m["loss"] for _, m, _ in host])),
-        "last_loss": float(host[-1][1]["loss"]),
-        "lr": float(schedule(step - 1)),
-        "grad_norm": float(host[-1][1]["grad_norm"]),
-        "tokens_per_s": sum(t for _, _, t in host) / max(dt, 1e-9),
-        "supervised_tokens_per_s": sum(float(m["tokens"]) for _, m, _ in host) / max(dt, 1e-9),
-        "step_time_s": dt / max(n, 1),
-        "losses": {str(s): float(m["loss"]) for s, m, _ in host},
-    }
-    if flops_per_step:
-        achieved = flops_per_step / max(row["step_time_s"], 1e-9)
-        row["flops_per_s"] = achieved
-        if peak:
-            row["mfu"] = achieved / (peak * jax.device_count())
-    return row
 
 
 # ===================================================================================================
