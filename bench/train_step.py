@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from llava_jax.loss import llava_loss  # noqa: E402
+from llava_jax import train as T  # noqa: E402
 
 
 def make_batch(config, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -43,22 +43,18 @@ def make_batch(config, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndar
 
 
 def jax_step(model, budget: float | None, chunk: int, lr: float = 1e-4):
-    """A jitted full-parameter AdamW step on (model, optimizer) state, donated."""
-    optimizer = nnx.Optimizer(model, optax.adamw(lr), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
+    """The trainer's own step (llava_jax.train.make_step_fn), every parameter trainable, jitted with donation.
+
+    Returns (step(state, batch) -> (state, loss), state)."""
+    parts = T.split_for_training(model, optax.adamw(lr), nnx.Param)
+    inner = T.make_step_fn(parts, accum=1, loss_budget=budget, loss_chunk=chunk)
 
     def step(state, batch):
-        model_, opt_ = nnx.merge(graphdef, state)
+        params, opt_state = state
+        params, opt_state, metrics = inner(params, opt_state, parts.frozen, parts.rest, batch)
+        return (params, opt_state), metrics["loss"]
 
-        def mean_loss(m):
-            total, count = llava_loss(m, batch, budget_fraction=budget, chunk=chunk)
-            return total / count
-
-        loss, grads = nnx.value_and_grad(mean_loss)(model_)
-        opt_.update(model_, grads)
-        return nnx.state((model_, opt_)), loss
-
-    return jax.jit(step, donate_argnums=(0,)), state
+    return jax.jit(step, donate_argnums=(0,)), (parts.params, parts.opt_state)
 
 
 def main() -> None:
