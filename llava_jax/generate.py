@@ -43,8 +43,7 @@ def _select(logits: jax.Array, key: jax.Array, temperature: float, top_p: float)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "temperature", "top_p"),
-                   donate_argnames=())
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "temperature", "top_p"))
 def _generate_jit(graphdef, state, input_ids, attention_mask, pixel_values, has_image, eos_ids, key, *,
                   max_new_tokens: int, cache_len: int, temperature: float, top_p: float):
     model: Llava = nnx.merge(graphdef, state)
@@ -93,6 +92,9 @@ def _cut_at_stop(tokens: list[int], eos_ids: Sequence[int], stop_strings: Sequen
             tokens = tokens[: j + 1]
             break
     if stop_strings and tokenizer is not None:
+        # one decode for the usual case (no stop string); the prefix search only when there is one to find
+        if not any(s in tokenizer.decode(tokens, skip_special_tokens=False) for s in stop_strings):
+            return tokens
         for j in range(len(tokens)):
             text = tokenizer.decode(tokens[: j + 1], skip_special_tokens=False)
             if any(s in text for s in stop_strings):

@@ -81,8 +81,6 @@ def export_hf(loaded: LoadedModel, out_dir: str | os.PathLike, dtype: str | None
     cfg = loaded.config
     if cfg.projector != "mlp2x_gelu":
         raise ExportError(f"transformers' LLaVA has only the 2-layer projector; this model uses {cfg.projector!r}")
-    if not cfg.multimodal_projector_bias:
-        pass  # transformers reads multimodal_projector_bias from the config
     dtype = dtype or loaded.source_dtype or "float32"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

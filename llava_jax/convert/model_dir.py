@@ -10,7 +10,6 @@ Our layout (written by `save_model_dir`, read by `load_model_dir`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -231,12 +230,3 @@ def load_clip(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float3
     arrays = hf_keys.hf_to_ours(tensors, hf_keys.clip_model_rules(), param_shapes(build), np.dtype(np.float32))
     model = build_with_params(build, arrays, param_dtype)
     return model, load_tokenizer(d), image_config_from_dir(d, aspect="crop")
-
-
-def save_json(path: Path, obj: Any) -> None:
-    atomic_write_json(path, obj)
-
-
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    with open(Path(path) / "config.json", encoding="utf-8") as f:
-        return json.load(f)
