@@ -505,8 +505,7 @@ def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str) -
 
     A reply is correct when it names the answer and no other choice (`synthetic.score_answer`).
     Blind = the same questions with the image replaced by a blank (mean-colour) one. Returns
-    {"accuracy", "blind_accuracy", "chance", "n", "by_category"} where chance = mean over questions of
-    1 / #choices and by_category the accuracy (with the image) per `category`.
+    `heldout_summary` of the replies.
     """
     from PIL import Image
 
@@ -527,8 +526,7 @@ def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str) -
     blank = images.preprocess(Image.new("RGB", (icfg.crop_size, icfg.crop_size), mean_rgb), icfg)
     eos = [i for i in {tok.eos_token_id} if i is not None]
     stops = tuple(tmpl.stop_strings)
-    results = {"image": 0, "blind": 0}
-    by_cat: dict[str, list[int]] = {}
+    correct: dict[str, list[bool]] = {"image": [], "blind": []}
     for start in range(0, len(rows), eval_cfg.batch_size):
         chunk = rows[start : start + eval_cfg.batch_size]
         prompts = [conversation.encode_prompt([{"from": "human", "value": "<image>\n" + r["text"]}], tmpl, tok,
@@ -541,14 +539,36 @@ def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str) -
                            eos_ids=eos, stop_strings=stops, tokenizer=tok)
             for r, ids in zip(chunk, out, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
-                ok = int(score_answer(text, {"answer": r["answer"], "choices": r.get("choices") or []}))
-                results[name] += ok
-                if name == "image":
-                    by_cat.setdefault(str(r.get("category", "all")), []).append(ok)
+                correct[name].append(score_answer(text, {"answer": r["answer"], "choices": r.get("choices") or []}))
+    return heldout_summary(rows, correct["image"], correct["blind"])
+
+
+def heldout_summary(rows: list[dict], correct: list[bool], blind_correct: list[bool]) -> dict:
+    """{"accuracy", "blind_accuracy", "chance", "n", "by_category"[, "by_num_objects"]} of graded replies.
+
+    rows: the held-out questions (chance = mean over them of 1 / #choices); correct / blind_correct: one
+    grade per row, with the image and with the blank image. by_category is the accuracy with the image per
+    row `category`; by_num_objects the same per `num_objects` (rows of the synthetic set carry it), which
+    separates reading one object from binding attributes across several.
+    """
+    if not len(rows) == len(correct) == len(blind_correct):
+        raise ValueError(f"{len(rows)} rows but {len(correct)} / {len(blind_correct)} grades")
+
+    def breakdown(key: str) -> dict[str, float]:
+        groups: dict[str, list[bool]] = {}
+        for r, ok in zip(rows, correct, strict=True):
+            groups.setdefault(str(r.get(key, "all")), []).append(ok)
+        return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+
     n = len(rows)
-    chance = float(np.mean([1.0 / len(r["choices"]) if r.get("choices") else 0.0 for r in rows]))
-    return {"accuracy": results["image"] / n, "blind_accuracy": results["blind"] / n, "chance": chance, "n": n,
-            "by_category": {k: float(np.mean(v)) for k, v in sorted(by_cat.items())}}
+    summary = {"accuracy": float(np.mean(correct)) if n else 0.0,
+               "blind_accuracy": float(np.mean(blind_correct)) if n else 0.0,
+               "chance": float(np.mean([1.0 / len(r["choices"]) if r.get("choices") else 0.0 for r in rows]))
+               if n else 0.0,
+               "n": n, "by_category": breakdown("category")}
+    if any("num_objects" in r for r in rows):
+        summary["by_num_objects"] = breakdown("num_objects")
+    return summary
 
 
 # ===================================================================================================

@@ -41,8 +41,12 @@ def test_layout_and_every_record_valid(syn):
     train_images = {r["image"] for r in lio.read_json(out / "stage2.json")}
     assert not train_images & {r["image"] for r in evals}  # held-out images
     for r in evals:
-        assert set(r) == {"question_id", "image", "text", "answer", "choices", "category"}
+        assert set(r) == {"question_id", "image", "text", "answer", "choices", "category", "num_objects"}
+        assert r["num_objects"] in (1, 2, 3) and (r["category"] != "size" or r["num_objects"] >= 2)
+        if r["category"] == "count":
+            assert r["answer"] == synthetic.COUNT_WORDS[r["num_objects"]]
         assert r["answer"] in r["choices"] and (out / "images" / r["image"]).exists()
+    assert sum(meta["eval_per_num_objects"].values()) == 250
     assert meta["chance"] == pytest.approx(np.mean([1 / len(r["choices"]) for r in evals]))
     with Image.open(out / "images" / evals[0]["image"]) as im:
         assert im.size == (48, 48)

@@ -11,7 +11,7 @@ default 64 px (the demo's patch size). Writes:
   DIR/stage1.json                        caption records (CC3M chat.json layout) naming objects, colours, places
   DIR/stage2.json                        multi-turn instruction records (colour / shape / count / side / size)
   DIR/eval.jsonl                         held-out questions on unseen images: question_id, image, text,
-                                         answer, choices, category
+                                         answer, choices, category, num_objects
   DIR/meta.json                          counts, categories, chance level (mean of 1 / len(choices))
   DIR/coco/captions.json, instances.json COCO layout (5 captions per image; boxes [x, y, w, h] per object)
   DIR/cc_sbu_align/filter_cap.json       MiniGPT-4 layout with image/{id}.jpg (symlinks into images/)
@@ -273,7 +273,7 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
         render(objs, image_size).save(img_dir / name, quality=quality)
         q = qs[category]
         eval_rows.append({"question_id": j, "image": name, "text": q["text"], "answer": q["answer"],
-                          "choices": q["choices"], "category": category})
+                          "choices": q["choices"], "category": category, "num_objects": len(objs)})
     chance = float(np.mean([1 / len(r["choices"]) for r in eval_rows])) if eval_rows else 0.0
     lio.atomic_write_json(out / "stage1.json", stage1, indent=None)
     lio.atomic_write_json(out / "stage2.json", stage2, indent=None)
@@ -296,13 +296,15 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
             shutil.copyfile(img_dir / f"syn_{i:06d}.jpg", cc_img / f"syn_{i:06d}.jpg")
     lio.atomic_write_json(cc_dir / "filter_cap.json", {"annotations": cc_ann}, indent=None)
     per_cat: dict[str, int] = {}
+    per_count: dict[str, int] = {}
     for r in eval_rows:
         per_cat[r["category"]] = per_cat.get(r["category"], 0) + 1
+        per_count[str(r["num_objects"])] = per_count.get(str(r["num_objects"]), 0) + 1
     meta = {
         "seed": seed, "image_size": image_size, "num_train_images": num, "num_eval": len(eval_rows),
         "stage1_records": len(stage1), "stage2_records": len(stage2),
         "stage2_turns": sum(len(r["conversations"]) // 2 for r in stage2),
-        "eval_per_category": per_cat, "chance": chance, "colors": list(COLORS), "shapes": list(SHAPES),
+        "eval_per_category": per_cat, "eval_per_num_objects": dict(sorted(per_count.items())), "chance": chance, "colors": list(COLORS), "shapes": list(SHAPES),
         "categories": list(CATEGORIES),
         "scoring": "llava_jax.data.synthetic.score_answer: the reply names the answer and no other choice",
     }
