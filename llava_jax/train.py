@@ -500,77 +500,6 @@ def place(state: nnx.State, shardings: Any) -> nnx.State:
 # ===================================================================================================
 
 
-def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str) -> dict:
-    """Greedy answers to a held-out JSONL (question_id, image, text, answer, choices), with the image and blind.
-
-    A reply is correct when it names the answer and no other choice (`synthetic.score_answer`).
-    Blind = the same questions with the image replaced by a blank (mean-colour) one. Returns
-    `heldout_summary` of the replies.
-    """
-    from PIL import Image
-
-    from llava_jax.data import conversation, images
-    from llava_jax.data.synthetic import score_answer
-    from llava_jax.generate import generate
-    from llava_jax.io import read_jsonl
-
-    rows = read_jsonl(eval_cfg.file)
-    if eval_cfg.limit and eval_cfg.limit > 0:
-        rows = rows[: eval_cfg.limit]
-    if not rows:
-        raise ConfigError(f"eval file {eval_cfg.file} has no questions")
-    tmpl = conversation.get_template(template)
-    tok, icfg, mcfg = loaded.tokenizer, loaded.image_config, loaded.config
-    root = Path(eval_cfg.image_root or Path(eval_cfg.file).parent / "images")
-    mean_rgb = tuple(int(round(255 * m)) for m in icfg.mean)
-    blank = images.preprocess(Image.new("RGB", (icfg.crop_size, icfg.crop_size), mean_rgb), icfg)
-    eos = [i for i in {tok.eos_token_id} if i is not None]
-    stops = tuple(tmpl.stop_strings)
-    correct: dict[str, list[bool]] = {"image": [], "blind": []}
-    for start in range(0, len(rows), eval_cfg.batch_size):
-        chunk = rows[start : start + eval_cfg.batch_size]
-        prompts = [conversation.encode_prompt([{"from": "human", "value": "<image>\n" + r["text"]}], tmpl, tok,
-                                              num_image_tokens=mcfg.num_image_tokens,
-                                              image_token_id=mcfg.image_token_id) for r in chunk]
-        pix = np.stack([images.preprocess(images.load_rgb(root / r["image"]), icfg) for r in chunk])
-        has = np.ones((len(chunk),), dtype=bool)
-        for name, pixels in (("image", pix), ("blind", np.broadcast_to(blank, pix.shape).copy())):
-            out = generate(model, prompts, pixels, has, max_new_tokens=eval_cfg.max_new_tokens, temperature=0.0,
-                           eos_ids=eos, stop_strings=stops, tokenizer=tok)
-            for r, ids in zip(chunk, out, strict=True):
-                text = tok.decode(ids, skip_special_tokens=True)
-                correct[name].append(score_answer(text, {"answer": r["answer"], "choices": r.get("choices") or []}))
-    return heldout_summary(rows, correct["image"], correct["blind"])
-
-
-def heldout_summary(rows: list[dict], correct: list[bool], blind_correct: list[bool]) -> dict:
-    """{"accuracy", "blind_accuracy", "chance", "n", "by_category"[, "by_num_objects"]} of graded replies.
-
-    rows: the held-out questions (chance = mean over them of 1 / #choices); correct / blind_correct: one
-    grade per row, with the image and with the blank image. by_category is the accuracy with the image per
-    row `category`; by_num_objects the same per `num_objects` (rows of the synthetic set carry it), which
-    separates reading one object from binding attributes across several.
-    """
-    if not len(rows) == len(correct) == len(blind_correct):
-        raise ValueError(f"{len(rows)} rows but {len(correct)} / {len(blind_correct)} grades")
-
-    def breakdown(key: str) -> dict[str, float]:
-        groups: dict[str, list[bool]] = {}
-        for r, ok in zip(rows, correct, strict=True):
-            groups.setdefault(str(r.get(key, "all")), []).append(ok)
-        return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
-
-    n = len(rows)
-    summary = {"accuracy": float(np.mean(correct)) if n else 0.0,
-               "blind_accuracy": float(np.mean(blind_correct)) if n else 0.0,
-               "chance": float(np.mean([1.0 / len(r["choices"]) if r.get("choices") else 0.0 for r in rows]))
-               if n else 0.0,
-               "n": n, "by_category": breakdown("category")}
-    if any("num_objects" in r for r in rows):
-        summary["by_num_objects"] = breakdown("num_objects")
-    return summary
-
-
 # ===================================================================================================
 # the trainer
 # ===================================================================================================
@@ -745,6 +674,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     banner("eval")
     if cfg.eval.file:
         model = nnx.merge(parts.graphdef, params, frozen, rest)
+        from llava_jax.eval.heldout import evaluate_heldout
+
         result = evaluate_heldout(model, loaded, cfg.eval, template=cfg.data.template)
         if jax.process_index() == 0:
             from llava_jax.io import atomic_write_json

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_jax.train import heldout_summary
+from llava_jax.eval.heldout import heldout_summary
 
 
 def _row(category: str, num_objects: int | None = None, choices: int = 2) -> dict:
