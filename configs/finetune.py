@@ -51,15 +51,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.grad_accum_steps = 4 if variant == "7b" else 8
     elif variant == "demo":
         pretrain.demo_config(c)
-        c.data.max_length = 176
-        c.data.bucket_lengths = (144, 176)
+        c.data.max_length = 104
+        c.data.bucket_lengths = (96, 104)
         c.init_from = "runs/demo/stage1"
         c.data.train_file = "runs/demo/data/stage2.json"
         c.batch_size = 32
-        c.max_steps = 600
+        c.max_steps = 1200
         c.optimizer.lr = 1e-3
         c.eval.file = "runs/demo/data/eval.jsonl"
         c.eval.image_root = "runs/demo/data/images"
+        c.eval.max_new_tokens = 12  # replies are short sentences: "The circle is red."
     else:
         raise ValueError(f"unknown variant {variant!r}: demo, 7b or 13b")
     return c

@@ -69,12 +69,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.grad_accum_steps = 8 if variant == "7b" else 16
     elif variant == "demo":
         demo_config(c)
-        c.data.max_length = 112
-        c.data.bucket_lengths = (96, 112)
+        c.data.max_length = 64
+        c.data.bucket_lengths = (48, 64)
         c.init_from = "runs/demo/model"
         c.data.train_file = "runs/demo/data/stage1.json"
         c.batch_size = 32
-        c.max_steps = 600
+        c.max_steps = 900
         c.optimizer.lr = 2e-3
         c.optimizer.weight_decay = 0.0
     else:

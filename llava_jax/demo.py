@@ -27,12 +27,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# The tiny model: 64 px images in 8 px patches (64 image tokens), a 2-layer vision tower, a 3-layer LLM.
-VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+# The tiny model: 32 px images in 8 px patches (16 image tokens), a 2-layer vision tower, a 3-layer LLM.
+VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, image_size=32,
               patch_size=8, projection_dim=64, hidden_act="quick_gelu")
 TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
 VOCAB = 512
+GRID = 2  # the synthetic board: 2 x 2 cells of 16 px, each 2 x 2 patches
 
 
 def build_model_dir(data_dir: Path, out_dir: Path, seed: int, *, vision: dict | None = None, text: dict | None = None,
@@ -119,7 +120,7 @@ def check_hf(hf_dir: Path, data_dir: Path) -> dict[str, Any]:
     image = Image.open(data_dir / "images" / question["image"]).convert("RGB")
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     return {"checked": True, "question": question["text"], "expected": question["answer"], "answer": answer,
             "correct": bool(score_answer(answer, question))}
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (data / "meta.json").exists():
         from llava_jax.data.synthetic import generate
 
-        generate(data, num=args.num, seed=args.seed, num_eval=args.num_eval, image_size=VISION["image_size"])
+        generate(data, num=args.num, seed=args.seed, num_eval=args.num_eval, image_size=VISION["image_size"], grid=GRID)
     timings["data_s"] = time.time() - t0
 
     print("== model", flush=True)

@@ -139,12 +139,90 @@ def test_side_and_count_answers_follow_the_boxes(syn):
         conv = r["conversations"]
         for q, a in zip(conv[::2], conv[1::2], strict=True):
             text = q["value"]
-            if text.replace("<image>", "").strip().startswith("Is the "):
-                shape = text.split("Is the ")[1].split()[0]
+            if text.replace("<image>", "").strip().startswith("Which side"):
+                shape = text.split("is the ")[1].split()[0]
                 (box,) = [o["bbox"] for o in objs if names[o["category_id"]] == shape]
-                assert a["value"] == ("left" if box[0] + box[2] / 2 < im["width"] / 2 else "right")
+                cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
+                corner = f"{'top' if cy < im['height'] / 2 else 'bottom'} {'left' if cx < im['width'] / 2 else 'right'}"
+                assert a["value"] == f"The {shape} is in the {corner} corner."
                 checked["side"] += 1
             elif "How many" in text:
-                assert a["value"] == synthetic.COUNT_WORDS[len(objs)]
+                assert synthetic.COUNT_WORDS[len(objs)] in synthetic._words(a["value"])
                 checked["count"] += 1
     assert checked["side"] > 50 and checked["count"] > 50
+
+
+def test_two_by_two_board(tmp_path):
+    """grid=2: objects in distinct cells, inside their quadrant; places and side answers follow the boxes."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        objs = synthetic.make_scene(rng, 32, grid=2)
+        cells = {(o.column, o.row) for o in objs}
+        assert len(cells) == len(objs) and 1 <= len(objs) <= 3
+        if len(objs) <= 2:
+            assert len({o.column for o in objs}) == len(objs)  # one per column when they fit
+        for o in objs:
+            x0, y0, x1, y1 = o.box
+            assert o.column * 16 <= x0 < x1 <= (o.column + 1) * 16 and o.row * 16 <= y0 < y1 <= (o.row + 1) * 16
+        text = synthetic.caption(objs, variant=0)
+        for o in objs:
+            corner = f"{('top', 'bottom')[o.row]} {('left', 'right')[o.column]} corner"
+            assert f"{o.shape}, {o.color} and {o.size}, in the {corner}" in text
+    meta = synthetic.generate(tmp_path / "g2", num=40, seed=1, num_eval=20, image_size=32, grid=2)
+    assert meta["grid"] == 2
+    with pytest.raises(ValueError, match="grid"):
+        synthetic.generate(tmp_path / "g3", num=4, grid=3)
+
+
+def test_captions_name_each_attribute_after_its_key():
+    """Even variants key each object by shape, odd ones by colour, listed in vocabulary order."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        objs = synthetic.make_scene(rng, 64)
+        by_shape = synthetic.caption(objs, variant=0)
+        by_color = synthetic.caption(objs, variant=1)
+        shapes = sorted(objs, key=lambda o: synthetic.SHAPES.index(o.shape))
+        assert [by_shape.index(f"{o.shape}, {o.color} and {o.size}") for o in shapes] == sorted(
+            by_shape.index(f"{o.shape}, {o.color} and {o.size}") for o in shapes)
+        for o in objs:
+            assert f"{o.color} {o.size} {o.shape}" in by_color
+
+
+def test_later_turns_never_repeat_an_earlier_answer(syn):
+    """No reply names an attribute that an earlier turn of its conversation named, so every answer needs the
+    image (the single-turn held-out questions cannot be answered from text either)."""
+    out, _ = syn
+    attributes = set(synthetic.COLORS) | set(synthetic.SHAPES) | set(synthetic.COUNT_WORDS) | {"left", "right"}
+    turns = 0
+    for r in lio.read_json(out / "stage2.json"):
+        said: set[str] = set()
+        conv = r["conversations"]
+        assert 1 <= len(conv) // 2 <= 3
+        for q, a in zip(conv[::2], conv[1::2], strict=True):
+            question = set(synthetic._words(q["value"]))
+            assert not (set(synthetic._words(a["value"])) & attributes) - question & said
+            said |= question | set(synthetic._words(a["value"]))
+            turns += 1
+    assert turns > 2 * 300
+
+
+def test_replies_restate_the_object_and_grade_correct(syn):
+    """Training replies are sentences that score as correct answers to their question."""
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        objs = synthetic.make_scene(rng, 32)
+        for cat, q in synthetic.questions(objs, rng).items():
+            assert q["reply"].endswith(".") and synthetic.score_answer(q["reply"], q), (cat, q)
+
+
+def test_question_pool_asks_about_every_object():
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        objs = synthetic.make_scene(rng, 32)
+        pool = synthetic.question_pool(objs, rng)
+        for o in objs:
+            assert {"text": f"What color is the {o.shape}?", "answer": o.color} in [
+                {k: q[k] for k in ("text", "answer")} for q in pool]
+            assert any(q["text"] == f"What shape is the {o.color} object?" and q["answer"] == o.shape for q in pool)
+        assert sum(q["text"].startswith("How many") for q in pool) == 1
+        assert all(synthetic.score_answer(q["reply"], q) for q in pool)

@@ -1,11 +1,12 @@
 """The bundled synthetic dataset: procedural shape scenes with questions only the image can answer.
 
-    python -m llava_jax.data.synthetic --out DIR [--num N] [--seed S] [--num-eval M] [--image-size PX]
+    python -m llava_jax.data.synthetic --out DIR [--num N] [--seed S] [--num-eval M] [--image-size PX] [--grid G]
 
-Each image is a 4 x 4 board holding 1-3 objects, every one with its own shape (circle, square, triangle,
-cross), its own colour (red, green, blue, yellow, purple, orange), a size (large or small), its own column and
-a random row, so "left of", "larger than" and "how many" have one clear answer. Cells are 16 px at the
-default 64 px (the demo's patch size). Writes:
+Each image is a G x G board (G = 2 by default, or 4) holding 1-3 objects, every one with its own shape
+(circle, square, triangle, cross), its own colour (red, green, blue, yellow, purple, orange), a size (large or
+small) and its own cell -- its own column while there are enough columns -- so "which side", "larger than" and
+"how many" have one clear answer. The default 32 px image has 16 px cells, each 2 x 2 of the demo's 8 px
+patches. Writes:
 
   DIR/images/*.jpg                       training and held-out images (bare file names in every record)
   DIR/stage1.json                        caption records (CC3M chat.json layout) naming objects, colours, places
@@ -52,8 +53,9 @@ COUNT_WORDS = ("zero", "one", "two", "three")
 CATEGORIES = ("color", "shape", "count", "side", "size")
 
 _BACKGROUND = (244, 244, 240)
-GRID = 4  # the board is GRID x GRID cells; one object per column
-_LARGE, _SMALL = 0.94, 0.56  # object side as a fraction of the cell side
+GRID = 2  # the board is GRID x GRID cells (2 or 4)
+TURNS = 3  # question turns per stage-2 record (fewer when the scene has fewer that need the image)
+_LARGE, _SMALL = 0.94, 0.70  # object side as a fraction of the cell side
 
 _CAPTION_PROMPTS = (
     "Give a short caption for this picture.",
@@ -73,27 +75,34 @@ class Obj:
     size: str
     column: int
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive-exclusive)
+    row: int = 0
+    grid: int = GRID  # the board's cells per side
 
 
 # ------------------------------------------------------------------------------------------------ scenes
 
 
-def make_scene(rng: np.random.Generator, image_size: int, count: int | None = None, jitter: float = 0.0) -> list[Obj]:
-    """1-3 objects (uniform count) with distinct shapes, colours and columns; sizes and rows vary.
+def make_scene(rng: np.random.Generator, image_size: int, count: int | None = None, jitter: float = 0.0,
+               grid: int = GRID) -> list[Obj]:
+    """1-3 objects (uniform count) with distinct shapes, colours and cells; sizes vary.
 
-    The image is a GRID x GRID board of cells (16 px cells at 64 px, the patch size of the demo's vision
-    tower): each object sits in its own column, in a random row, centred in its cell and moved by up to
-    `jitter` x cell side. Large objects fill most of a cell, small ones about half of it.
+    The image is a `grid` x `grid` board of cells: while the objects fit, each sits in its own column, in a
+    random row; otherwise (3 objects on a 2 x 2 board) each in its own cell. Objects are centred in their cell
+    and moved by up to `jitter` x cell side; large ones fill most of a cell, small ones about 70% of its side.
     """
     n = int(rng.integers(1, 4)) if count is None else count
     shapes = rng.choice(len(SHAPES), n, replace=False)
     colors = rng.choice(len(COLORS), n, replace=False)
-    columns = np.sort(rng.choice(GRID, n, replace=False))
-    rows = rng.integers(0, GRID, n)
+    if n <= grid:  # one object per column, any row
+        columns = np.sort(rng.choice(grid, n, replace=False))
+        rows = rng.integers(0, grid, n)
+    else:  # more objects than columns: one per cell
+        cells = np.sort(rng.choice(grid * grid, n, replace=False))
+        columns, rows = cells % grid, cells // grid
     sizes = rng.integers(0, 2, n)
     if n >= 2 and len(set(sizes.tolist())) == 1 and rng.random() < 0.5:
         sizes[rng.integers(0, n)] ^= 1  # more scenes with a size contrast
-    cell = image_size / GRID
+    cell = image_size / grid
     objs = []
     for k in range(n):
         side = max(3, round((_LARGE if sizes[k] == 0 else _SMALL) * cell))
@@ -103,7 +112,7 @@ def make_scene(rng: np.random.Generator, image_size: int, count: int | None = No
         x0, y0 = round(cx - side / 2), round(cy - side / 2)
         objs.append(
             Obj(SHAPES[shapes[k]], list(COLORS)[colors[k]], SIZES[sizes[k]], int(columns[k]),
-                (x0, y0, x0 + side, y0 + side))
+                (x0, y0, x0 + side, y0 + side), int(rows[k]), grid)
         )
     return objs
 
@@ -132,15 +141,28 @@ def render(objs: Sequence[Obj], image_size: int) -> Image.Image:
 # ------------------------------------------------------------------------------------------------ text
 
 
-def _place(o: Obj, n: int) -> str:
+def _place(o: Obj) -> str:
+    """Where an object is, in caption words ("in the top left corner", "left of the centre")."""
+    if o.grid == 2:
+        return f"in the {('top', 'bottom')[o.row]} {('left', 'right')[o.column]} corner"
     return {0: "on the far left", 1: "left of the centre", 2: "right of the centre", 3: "on the far right"}[o.column]
 
 
 def caption(objs: Sequence[Obj], rng: np.random.Generator | None = None, variant: int = 0) -> str:
-    """A sentence naming every object's size, colour, shape and place, left to right."""
+    """A sentence naming every object's shape, colour, size and place.
+
+    Objects are listed in a fixed vocabulary order, keyed alternately by shape (even variants: "a circle, red
+    and large, on the far left") or by colour (odd: "a red large circle on the far left"), so each attribute
+    follows the word that picks its object out -- the lookup the held-out questions ask for.
+    """
     n = len(objs)
-    parts = [f"a {o.size} {o.color} {o.shape} {_place(o, n)}" for o in objs]
-    body = parts[0] if n == 1 else (f"{parts[0]} and {parts[1]}" if n == 2 else f"{parts[0]}, {parts[1]} and {parts[2]}")
+    if variant % 2 == 0:
+        ordered = sorted(objs, key=lambda o: SHAPES.index(o.shape))
+        parts = [f"a {o.shape}, {o.color} and {o.size}, {_place(o)}" for o in ordered]
+    else:
+        ordered = sorted(objs, key=lambda o: list(COLORS).index(o.color))
+        parts = [f"a {o.color} {o.size} {o.shape} {_place(o)}" for o in ordered]
+    body = parts[0] if n == 1 else (f"{parts[0]} and {parts[1]}" if n == 2 else f"{parts[0]}; {parts[1]}; and {parts[2]}")
     openers = ("There is", "The image shows", "This picture contains", "We can see", "A plain background with")
     opener = openers[variant % len(openers)]
     if opener == "There is" and n > 1:
@@ -154,7 +176,7 @@ def detailed_description(objs: Sequence[Obj]) -> str:
     n = len(objs)
     lines = [f"The image shows {COUNT_WORDS[n]} {'shape' if n == 1 else 'shapes'} on a plain light background."]
     for o in objs:
-        lines.append(f"A {o.color} {o.shape} is {_place(o, n)}, and it is {o.size}.")
+        lines.append(f"A {o.color} {o.shape} is {_place(o)}, and it is {o.size}.")
     if n >= 2:
         big = [o for o in objs if o.size == "large"]
         if big and len(big) < n:
@@ -162,32 +184,63 @@ def detailed_description(objs: Sequence[Obj]) -> str:
     return " ".join(lines)
 
 
+def _color_q(o: Obj) -> dict[str, Any]:
+    return {"text": f"What color is the {o.shape}?", "answer": o.color, "choices": list(COLORS),
+            "reply": f"The {o.shape} is {o.color}."}
+
+
+def _shape_q(o: Obj) -> dict[str, Any]:
+    return {"text": f"What shape is the {o.color} object?", "answer": o.shape, "choices": list(SHAPES),
+            "reply": f"The {o.color} object is a {o.shape}."}
+
+
+def _side_q(o: Obj) -> dict[str, Any]:
+    side = "left" if o.column < o.grid // 2 else "right"
+    return {"text": f"Which side of the picture is the {o.shape} on?", "answer": side,
+            "choices": ["left", "right"], "reply": f"The {o.shape} is {_place(o)}."}
+
+
+def _count_q(n: int) -> dict[str, Any]:
+    return {"text": "How many shapes are in the image?", "answer": COUNT_WORDS[n], "choices": list(COUNT_WORDS[1:]),
+            "reply": f"There {'is' if n == 1 else 'are'} {COUNT_WORDS[n]} shape{'' if n == 1 else 's'}."}
+
+
+def _size_q(objs: Sequence[Obj], rng: np.random.Generator) -> dict[str, Any] | None:
+    pairs = [(x, y) for x in objs for y in objs if x.size == "large" and y.size == "small"]
+    if not pairs:
+        return None
+    big, small = pairs[int(rng.integers(0, len(pairs)))]
+    first, second = (big, small) if rng.random() < 0.5 else (small, big)
+    return {"text": f"Which is larger, the {first.shape} or the {second.shape}?", "answer": big.shape,
+            "choices": [first.shape, second.shape], "reply": f"The larger one is the {big.shape}."}
+
+
 def questions(objs: Sequence[Obj], rng: np.random.Generator) -> dict[str, dict[str, Any]]:
-    """Every question category answerable for this scene -> {"text", "answer", "choices"}.
+    """One question per category answerable for this scene, each about a random object ->
+    {category: {"text", "answer", "choices", "reply"}}.
+
+    "answer" is the graded word; "reply" the sentence the training records teach, which restates the object the
+    question names right before the answer ("The circle is red."), as the captions do.
 
     Phrasings never reveal the answer: the colour question names the shape, the shape question names the
-    colour, the side question asks which half of the picture a named shape is in, the size question names
+    colour, the side question asks which side of the picture a named shape is on (the
+    reply names its place as the captions do: "The circle is in the top left corner."), the size question names
     two objects in a random order.
     """
     n = len(objs)
-    out: dict[str, dict[str, Any]] = {}
-    o = objs[int(rng.integers(0, n))]
-    out["color"] = {"text": f"What color is the {o.shape}?", "answer": o.color, "choices": list(COLORS)}
-    o = objs[int(rng.integers(0, n))]
-    out["shape"] = {"text": f"What shape is the {o.color} object?", "answer": o.shape, "choices": list(SHAPES)}
-    out["count"] = {"text": "How many shapes are in the image?", "answer": COUNT_WORDS[n],
-                    "choices": list(COUNT_WORDS[1:])}
-    o = objs[int(rng.integers(0, n))]
-    out["side"] = {"text": f"Is the {o.shape} on the left or the right side of the picture?",
-                   "answer": "left" if o.column < GRID // 2 else "right", "choices": ["left", "right"]}
-    if n >= 2:
-        pairs = [(x, y) for x in objs for y in objs if x.size == "large" and y.size == "small"]
-        if pairs:
-            big, small = pairs[int(rng.integers(0, len(pairs)))]
-            first, second = (big, small) if rng.random() < 0.5 else (small, big)
-            out["size"] = {"text": f"Which is larger, the {first.shape} or the {second.shape}?",
-                           "answer": big.shape, "choices": [first.shape, second.shape]}
+    out = {"color": _color_q(objs[int(rng.integers(0, n))]), "shape": _shape_q(objs[int(rng.integers(0, n))]),
+           "count": _count_q(n), "side": _side_q(objs[int(rng.integers(0, n))])}
+    size = _size_q(objs, rng) if n >= 2 else None
+    if size is not None:
+        out["size"] = size
     return out
+
+
+def question_pool(objs: Sequence[Obj], rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Every training question for a scene: colour, shape and side of each object, the count, two size pairs."""
+    pool = [q for o in objs for q in (_color_q(o), _shape_q(o), _side_q(o))] + [_count_q(len(objs))]
+    sizes = [_size_q(objs, rng), _size_q(objs, rng)] if len(objs) >= 2 else []
+    return pool + [q for q in sizes if q is not None]
 
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -210,25 +263,34 @@ def score_answer(text: str, record: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def _conversation(qs: dict[str, dict], rng: np.random.Generator, turns: int) -> list[dict[str, str]]:
-    cats = list(qs)
-    picked = rng.choice(len(cats), min(turns, len(cats)), replace=False)
-    conv = []
-    for k, idx in enumerate(picked):
-        q = qs[cats[int(idx)]]
+def _conversation(pool: Sequence[dict[str, Any]], rng: np.random.Generator, turns: int) -> list[dict[str, str]]:
+    """Up to `turns` questions drawn from `pool` in random order; a question whose answer an earlier turn
+    already names ("What color is the circle?" -> "The circle is red.", then "What shape is the red object?")
+    is skipped, so every answer needs the image, as in the single-turn held-out questions."""
+    conv: list[dict[str, str]] = []
+    said: set[str] = set()
+    for i in rng.permutation(len(pool)):
+        if len(conv) == 2 * turns:
+            break
+        q = pool[int(i)]
+        if q["answer"] in said:
+            continue
         text = q["text"]
-        if k == 0:
+        if not conv:
             text = f"{text}\n<image>" if rng.random() < 0.2 else f"<image>\n{text}"
         conv.append({"from": "human", "value": text})
-        conv.append({"from": "gpt", "value": q["answer"]})
+        conv.append({"from": "gpt", "value": q["reply"]})
+        said.update(_words(q["text"]) + _words(q["reply"]))
     return conv
 
 
 def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: int = 500,
-             image_size: int = 64, quality: int = 95) -> dict[str, Any]:
+             image_size: int = 32, quality: int = 95, grid: int = GRID) -> dict[str, Any]:
     """Writes the dataset under `out` (see module docstring) and returns meta.json's content."""
     if num < 1 or num_eval < 0:
         raise ValueError("need num >= 1 and num_eval >= 0")
+    if grid not in (2, 4):
+        raise ValueError(f"grid must be 2 or 4 cells per side, got {grid}")
     out = Path(out)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +299,7 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
     cat_ids = {s: i + 1 for i, s in enumerate(SHAPES)}
     for i in range(num):
         name = f"syn_{i:06d}.jpg"
-        objs = make_scene(rng, image_size)
+        objs = make_scene(rng, image_size, grid=grid)
         render(objs, image_size).save(img_dir / name, quality=quality)
         rid = f"syn_{i:06d}"
         prompt = _CAPTION_PROMPTS[int(rng.integers(0, len(_CAPTION_PROMPTS)))]
@@ -246,7 +308,7 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
             {"from": "gpt", "value": caption(objs, variant=int(rng.integers(0, 5)))},
         ]})
         stage2.append({"id": rid, "image": name,
-                       "conversations": _conversation(questions(objs, rng), rng, int(rng.integers(2, 4)))})
+                       "conversations": _conversation(question_pool(objs, rng), rng, TURNS)})
         coco_images.append({"id": i + 1, "file_name": name, "width": image_size, "height": image_size})
         for v in range(5):
             coco_caps.append({"id": len(coco_caps) + 1, "image_id": i + 1, "caption": caption(objs, variant=v)})
@@ -265,7 +327,7 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
         if category == "size":
             count = int(eval_rng.integers(2, 4))
         while True:  # the size question needs a large and a small object
-            objs = make_scene(eval_rng, image_size, count)
+            objs = make_scene(eval_rng, image_size, count, grid=grid)
             qs = questions(objs, eval_rng)
             if category in qs:
                 break
@@ -301,7 +363,7 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
         per_cat[r["category"]] = per_cat.get(r["category"], 0) + 1
         per_count[str(r["num_objects"])] = per_count.get(str(r["num_objects"]), 0) + 1
     meta = {
-        "seed": seed, "image_size": image_size, "num_train_images": num, "num_eval": len(eval_rows),
+        "seed": seed, "image_size": image_size, "grid": grid, "num_train_images": num, "num_eval": len(eval_rows),
         "stage1_records": len(stage1), "stage2_records": len(stage2),
         "stage2_turns": sum(len(r["conversations"]) // 2 for r in stage2),
         "eval_per_category": per_cat, "eval_per_num_objects": dict(sorted(per_count.items())), "chance": chance, "colors": list(COLORS), "shapes": list(SHAPES),
@@ -319,10 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=5000, help="training images")
     p.add_argument("--num-eval", type=int, default=500, help="held-out eval questions (one image each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--grid", type=int, default=GRID, help="board cells per side (2 or 4)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    meta = generate(args.out, args.num, args.seed, args.num_eval, args.image_size)
+    meta = generate(args.out, args.num, args.seed, args.num_eval, args.image_size, grid=args.grid)
     print(f"wrote {meta['num_train_images']} training images, {meta['num_eval']} eval questions "
           f"(chance {meta['chance']:.3f}) to {args.out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
