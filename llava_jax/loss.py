@@ -81,7 +81,9 @@ def hidden_cross_entropy(hidden: jax.Array, labels: jax.Array, head: jax.Array, 
         return _ce_sum(hg, tg, head, chunk)
 
     def full():
-        return _ce_sum(h, t, head, chunk)
+        # Rare fallback. Under jax.checkpoint its residuals are its inputs: otherwise differentiating the cond
+        # writes zeros for this branch's [B, T, V] logits on every step in which it is not taken.
+        return jax.checkpoint(_ce_sum, static_argnums=(3,))(h, t, head, chunk)
 
     fits = jnp.max(valid.sum(axis=1)) <= budget
     return jax.lax.cond(fits, gathered, full), count

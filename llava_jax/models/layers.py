@@ -157,6 +157,22 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax
     return y
 
 
+def attention_fn(implementation: str | None):
+    """`jax.nn.dot_product_attention(q, k, v, mask)` ([B, T, N, H] x [B, S, K, H] -> [B, T, N, H]) for training.
+
+    XLA's own implementation (None / "xla") materialises the [B, N, T, S] probabilities, and differentiating it
+    keeps them for the backward pass: inside a layer scan that is a stacked [layers, B, N, T, S] buffer written
+    and read every step. Recomputing the scores in the backward pass instead costs one [T, S] matmul per layer.
+    Fused kernels ("cudnn") keep only their small statistics already, so they are returned unwrapped.
+    """
+    def attend(q, k, v, mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+    if implementation in (None, "xla"):
+        return jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
+    return attend
+
+
 def remat_policy(name: str | None):
     """Returns the `jax.checkpoint` policy named in config: 'none' (no remat), 'full' (save nothing),
     'dots' (save matmul outputs), 'dots_no_batch' (save matmuls without batch dims)."""

@@ -229,8 +229,10 @@ class LlamaForCausalLM(nnx.Module):
         impl, act = self.attention_impl, L.activation(c.hidden_act)
         dtype = self.dtype
 
+        attention = L.attention_fn(impl)
+
         def attend_and_mlp(x, w, k_all, v_all, q):
-            a = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, implementation=impl)
+            a = attention(q, k_all, v_all, mask)
             x = x + L.dense(a.reshape(b, t, nq * hd), w["o_kernel"], w.get("o_bias"))
             y = L.rms_norm(x, w["post_norm"], eps)
             g = L.dense(y, w["gate_kernel"], w.get("gate_bias"))
