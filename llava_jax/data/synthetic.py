@@ -148,7 +148,7 @@ def _place(o: Obj) -> str:
     return {0: "on the far left", 1: "left of the centre", 2: "right of the centre", 3: "on the far right"}[o.column]
 
 
-def caption(objs: Sequence[Obj], rng: np.random.Generator | None = None, variant: int = 0) -> str:
+def caption(objs: Sequence[Obj], variant: int = 0) -> str:
     """A sentence naming every object's shape, colour, size and place.
 
     Objects are listed in a fixed vocabulary order, keyed alternately by shape (even variants: "a circle, red
