@@ -18,7 +18,7 @@ Behaviour:
   expected completion size) and kept under `max_tpm` over a 60 s window, corrected by the reply's usage.
 - Every reply received is appended to a JSONL journal (flushed and fsynced per line) under a hash of (model,
   messages, params) and the attempt number; a rerun reads the journal and sends no request whose reply is there.
-  A torn last line (killed mid-write) is cut off on open.
+  A torn last line (killed mid-write) is cut off on open. (`data_gen.journal`; the pacing lives in `data_gen.ratelimit`.)
 - `ChatRequest.validate(text)` may reject a reply (returns a reason); a rejected reply is regenerated once, then
   the request fails with that reason.
 - The API key is read from the environment variable `api_key_env` only (secret header values likewise from the
@@ -30,14 +30,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
-import hashlib
 import json
 import logging
 import os
 import random
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,11 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
+from data_gen.journal import Journal, request_hash
+from data_gen.ratelimit import RateLimiter, estimate_prompt_tokens
+
 log = logging.getLogger(__name__)
+
 
 Validator = Callable[[str], "str | None"]
 
@@ -80,10 +82,6 @@ class QuotaExhausted(RunHalted):
 
 class MissingAPIKeyError(RuntimeError):
     """No API key in the environment for a server that needs one."""
-
-
-class JournalError(ValueError):
-    """The journal file is corrupt somewhere other than its last line."""
 
 
 @dataclasses.dataclass
@@ -189,188 +187,6 @@ class RunStats:
         out["failed"] = dict(self.failed)
         return out
 
-
-def request_hash(model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
-    """Stable SHA-256 hex digest of (model, messages, params): the journal key of a request."""
-    blob = json.dumps([model, list(messages), dict(params)], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
-    """Rough prompt size in tokens (about 4 characters per token plus per-message overhead), for rate limiting."""
-    chars = 0
-    for message in messages:
-        content = message.get("content", "")
-        chars += len(content) if isinstance(content, str) else len(json.dumps(content))
-    return chars // 4 + 4 * len(messages) + 3
-
-
-class Journal:
-    """Append-only JSONL of received replies, keyed by (request hash, attempt). Each line is flushed and fsynced
-    before `append` returns; `append` may be called from several threads.
-
-    Opening cuts off a torn last line; a corrupt line elsewhere raises `JournalError`.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.entries: dict[str, dict[int, dict[str, Any]]] = {}
-        self._file = None
-        self._lock = threading.Lock()
-        self.torn_bytes = 0
-        self._load()
-
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            self.torn_bytes = len(data) - end
-            log.warning("journal %s: cutting off a torn last line (%d bytes)", self.path, self.torn_bytes)
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-                f.flush()
-                os.fsync(f.fileno())
-        for lineno, line in enumerate(data[:end].split(b"\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                self.entries.setdefault(entry["hash"], {})[int(entry["attempt"])] = entry
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise JournalError(f"{self.path}:{lineno}: corrupt journal line ({e})") from e
-
-    def replies(self, hash_: str) -> list[dict[str, Any]]:
-        """Journaled replies for a request, in attempt order (attempt 0, 1, ... without gaps)."""
-        by_attempt = self.entries.get(hash_, {})
-        out = []
-        while len(out) in by_attempt:
-            out.append(by_attempt[len(out)])
-        return out
-
-    def append(self, entry: dict[str, Any]) -> None:
-        """Writes one entry as a line, flushed and fsynced before returning."""
-        line = json.dumps(entry, ensure_ascii=False) + "\n"
-        with self._lock:
-            if self._file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across appends
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self.entries.setdefault(entry["hash"], {})[int(entry["attempt"])] = entry
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.entries.values())
-
-
-class _Reservation:
-    __slots__ = ("entry",)
-
-    def __init__(self, entry: list[float] | None):
-        self.entry = entry
-
-
-class RateLimiter:
-    """Paces sends evenly under a requests-per-minute limit and keeps tokens under a tokens-per-minute limit.
-
-    Requests: one send every 60 / (max_rpm * (1 - headroom)) s, and never more than max_rpm in any 60 s window.
-    Tokens: the estimated tokens of sends in the last 60 s (corrected by `settle` once usage is known) plus the
-    new request's estimate stay under max_tpm; a single request larger than max_tpm waits for an empty window.
-    `pause(s)` holds every sender back (after a 429) and `slow_down()` stretches the interval a little.
-    """
-
-    window_s = 60.0
-
-    def __init__(
-        self,
-        max_rpm: float | None,
-        max_tpm: float | None,
-        headroom: float = 0.02,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Any] = asyncio.sleep,
-    ):
-        self.max_rpm = max_rpm or 0
-        self.max_tpm = max_tpm or 0
-        self.interval = 60.0 / (self.max_rpm * (1.0 - headroom)) if self.max_rpm else 0.0
-        self.base_interval = self.interval
-        self.clock = clock
-        self.sleep = sleep
-        self.next_send = 0.0
-        self.pause_until = 0.0
-        self.sends: deque[float] = deque()
-        self.tokens: deque[list[float]] = deque()
-        self._lock = asyncio.Lock()
-
-    def _purge(self, now: float) -> None:
-        while self.sends and self.sends[0] <= now - self.window_s:
-            self.sends.popleft()
-        while self.tokens and self.tokens[0][0] <= now - self.window_s:
-            self.tokens.popleft()
-
-    def _wait_s(self, now: float, est_tokens: int) -> float:
-        wait = max(0.0, self.next_send - now, self.pause_until - now)
-        if self.max_rpm and len(self.sends) >= int(self.max_rpm):
-            wait = max(wait, self.sends[len(self.sends) - int(self.max_rpm)] + self.window_s - now)
-        if self.max_tpm and self.tokens:
-            used = sum(t for _, t in self.tokens)
-            if used + est_tokens > self.max_tpm:
-                # Earliest moment enough old entries have left the window (or the window is empty).
-                for when, amount in self.tokens:
-                    used -= amount
-                    if used + est_tokens <= self.max_tpm or used <= 0:
-                        wait = max(wait, when + self.window_s - now)
-                        break
-        return wait
-
-    async def acquire(self, est_tokens: int) -> _Reservation:
-        """Waits until a request of about `est_tokens` tokens may be sent now, and records it."""
-        async with self._lock:
-            while True:
-                now = self.clock()
-                self._purge(now)
-                wait = self._wait_s(now, est_tokens)
-                if wait <= 0:
-                    break
-                await self.sleep(wait)
-            if self.interval:
-                # Keep to the planned schedule, recovering up to a tenth of an interval of lateness (timer jitter
-                # on a busy host would otherwise slow the rate): consecutive sends are >= 0.9 interval apart and
-                # no window of T seconds holds more than T / interval + 1.1 sends. After an idle spell (later
-                # than a whole interval) the next send waits a full interval.
-                late = now - self.next_send
-                if late > self.interval:
-                    self.next_send = now + self.interval
-                else:
-                    self.next_send = max(self.next_send + self.interval, now + 0.9 * self.interval)
-            self.sends.append(now)
-            entry = None
-            if self.max_tpm:
-                entry = [now, float(est_tokens)]
-                self.tokens.append(entry)
-            return _Reservation(entry)
-
-    def settle(self, reservation: _Reservation, actual_tokens: int | None) -> None:
-        """Replaces a reservation's estimate by the tokens the server reported (None keeps the estimate)."""
-        if reservation.entry is not None and actual_tokens is not None:
-            reservation.entry[1] = float(actual_tokens)
-
-    def pause(self, seconds: float) -> None:
-        """Holds every sender back for `seconds` from now."""
-        self.pause_until = max(self.pause_until, self.clock() + seconds)
-
-    def slow_down(self, factor: float = 1.02, most: float = 1.25) -> None:
-        """After a 429: stretch the send interval by `factor`, up to `most` times the configured one (for
-        servers that count over windows shorter than a minute, where arrival jitter can cross the limit)."""
-        if self.interval:
-            self.interval = min(self.interval * factor, self.base_interval * most)
 
 
 def _retry_after_s(headers: Mapping[str, str] | None) -> float | None:

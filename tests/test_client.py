@@ -15,13 +15,11 @@ from data_gen.client import (
     ChatClient,
     ChatRequest,
     ClientConfig,
-    Journal,
-    JournalError,
     MissingAPIKeyError,
     QuotaExhausted,
-    RateLimiter,
-    request_hash,
 )
+from data_gen.journal import Journal, JournalError, request_hash
+from data_gen.ratelimit import RateLimiter
 
 SECRET = "sk-test-SECRET-4f9a1c77e2"
 

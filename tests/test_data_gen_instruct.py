@@ -16,8 +16,9 @@ import pytest
 from openai_server import LocalOpenAIServer, Reply, chat_completion, error_body
 
 from data_gen import prompts
-from data_gen.client import Journal, MissingAPIKeyError, request_hash
+from data_gen.client import MissingAPIKeyError
 from data_gen.instruct import generate, load_config, summary_path
+from data_gen.journal import Journal, request_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-instruct-SECRET-93ab77f0c1"
