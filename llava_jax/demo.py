@@ -27,13 +27,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# The tiny model: 32 px images in 8 px patches (16 image tokens), a 2-layer vision tower, a 3-layer LLM.
+# The tiny model: 32 px images in 8 px patches (16 image tokens; the synthetic set's default 2 x 2 board puts
+# each object in a 16 px cell of 2 x 2 patches), a 2-layer vision tower, a 3-layer LLM.
 VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, image_size=32,
               patch_size=8, projection_dim=64, hidden_act="quick_gelu")
 TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
 VOCAB = 512
-GRID = 2  # the synthetic board: 2 x 2 cells of 16 px, each 2 x 2 patches
 
 
 def build_model_dir(data_dir: Path, out_dir: Path, seed: int, *, vision: dict | None = None, text: dict | None = None,
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (data / "meta.json").exists():
         from llava_jax.data.synthetic import generate
 
-        generate(data, num=args.num, seed=args.seed, num_eval=args.num_eval, image_size=VISION["image_size"], grid=GRID)
+        generate(data, num=args.num, seed=args.seed, num_eval=args.num_eval, image_size=VISION["image_size"])
     timings["data_s"] = time.time() - t0
 
     print("== model", flush=True)

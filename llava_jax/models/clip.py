@@ -124,13 +124,15 @@ class EncoderStack(nnx.Module):
         act = L.activation(self.act)
         heads, eps = self.heads, self.eps
 
+        attention = L.attention_fn(None)
+
         def body(x, w):
             b, t, d = x.shape
             y = L.layer_norm(x, w["ln1_scale"], w["ln1_bias"], eps)
             q = L.dense(y, w["q_kernel"], w["q_bias"]).reshape(b, t, heads, d // heads)
             k = L.dense(y, w["k_kernel"], w["k_bias"]).reshape(b, t, heads, d // heads)
             v = L.dense(y, w["v_kernel"], w["v_bias"]).reshape(b, t, heads, d // heads)
-            a = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, t, d)
+            a = attention(q, k, v, mask).reshape(b, t, d)
             x = x + L.dense(a, w["o_kernel"], w["o_bias"])
             y = L.layer_norm(x, w["ln2_scale"], w["ln2_bias"], eps)
             y = L.dense(act(L.dense(y, w["fc1_kernel"], w["fc1_bias"])), w["fc2_kernel"], w["fc2_bias"])
