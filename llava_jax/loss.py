@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llava_jax.models import layers as L
+
 IGNORE_INDEX = -100
 
 
@@ -21,17 +23,46 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+@jax.custom_vjp
+def nll_sum(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Sum over positions of -log softmax(logits)[target]: logits [..., V] float32, targets [...] int
+    (IGNORE_INDEX positions count 0). Returns a scalar.
+
+    The same value as logsumexp minus the target's logit, with a hand-written gradient: softmax minus the
+    one-hot target in one element-wise pass over the logits (autodiff of the gather and the logsumexp
+    writes a zero-filled [..., V] buffer, scatters into it and adds further [..., V] passes).
+    """
+    return _nll_sum_fwd(logits, targets)[0]
+
+
+def _is_target(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """bool [..., V]: the one-hot target, by an iota compare (fuses into the passes over the logits)."""
+    return jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+
+
+def _nll_sum_fwd(logits: jax.Array, targets: jax.Array):
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    logz = jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1)) + m[..., 0]
+    picked = jnp.sum(jnp.where(_is_target(logits, targets), logits, 0.0), axis=-1)
+    loss = jnp.sum(jnp.where(targets != IGNORE_INDEX, logz - picked, 0.0))
+    return loss, (logits, logz, targets)
+
+
+def _nll_sum_bwd(res, g: jax.Array):
+    logits, logz, targets = res
+    scale = jnp.where(targets != IGNORE_INDEX, g, 0.0)[..., None]
+    return (jnp.exp(logits - logz[..., None]) - _is_target(logits, targets)) * scale, None
+
+
+nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
+
+
 def _ce_sum(hidden: jax.Array, targets: jax.Array, head: jax.Array, chunk: int) -> jax.Array:
     """Sum of cross entropies: hidden [B, N, D], targets [B, N] (IGNORE_INDEX = skip), head [D, V]."""
     b, n, d = hidden.shape
 
     def piece(h, t):
-        logits = jnp.einsum("bnd,dv->bnv", h, head.astype(h.dtype)).astype(jnp.float32)
-        mask = t != IGNORE_INDEX
-        safe = jnp.where(mask, t, 0)
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-        return jnp.sum((logz - picked) * mask)
+        return nll_sum(L.dense(h, head).astype(jnp.float32), t)
 
     if not chunk or chunk >= n:
         return piece(hidden, targets)
