@@ -4,6 +4,7 @@ machine's measured matmul peak. Every bench prints one JSON object as its last l
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -37,15 +38,23 @@ def bench_config(vocab: int = 32000, width: int = 512, layers: int = 4, image: i
 
 def hf_twin(model, config: LlavaConfig, attn: str = "sdpa"):
     """transformers' LlavaForConditionalGeneration holding exactly `model`'s weights (through our export)."""
-    from transformers import LlavaForConditionalGeneration
+    with tempfile.TemporaryDirectory() as d:
+        export_twin(model, config, d)
+        return load_hf(d, attn)
 
+
+def export_twin(model, config: LlavaConfig, directory: str) -> None:
+    """Writes `model` as a Hugging Face LLaVA directory (float32), for `load_hf` in another process."""
     from llava_jax.convert.export import export_hf
     from llava_jax.convert.model_dir import LoadedModel
 
-    with tempfile.TemporaryDirectory() as d:
-        export_hf(LoadedModel(model, config, None, None), d, dtype="float32")
-        hf = LlavaForConditionalGeneration.from_pretrained(d, attn_implementation=attn)
-    return hf
+    export_hf(LoadedModel(model, config, None, None), directory, dtype="float32")
+
+
+def load_hf(directory: str, attn: str = "sdpa"):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(directory, attn_implementation=attn)
 
 
 def build(config: LlavaConfig, seed: int = 0, **kw):
@@ -59,6 +68,57 @@ def set_unroll(model, unroll: int) -> None:
     for _, m in nnx.iter_modules(model):
         if hasattr(m, "scan_unroll"):
             m.scan_unroll = True if unroll == 0 else unroll
+
+
+class Peer:
+    """One side of a comparison in its own (spawned) process, driven from the parent.
+
+    Each framework gets a process of its own, as in real use: in one shared process the idle thread pool of
+    one (XLA's Eigen threads, torch's OpenMP threads) competes with the other's work on a 2-core machine and
+    slowed whichever ran second by 5-15%. `setup(*args)` runs in the child and returns {name: function};
+    `peer(name, *args)` calls one there and returns its result. Callables and arguments must pickle (module
+    level functions of the bench script, numpy arrays, paths).
+    """
+
+    def __init__(self, setup: Callable[..., dict[str, Callable]], *args):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, setup, args), daemon=True)
+        self._proc.start()
+        self._result()  # setup finished (or raised)
+
+    def __call__(self, name: str, *args):
+        self._conn.send((name, args))
+        return self._result()
+
+    def _result(self):
+        status, value = self._conn.recv()
+        if status == "error":
+            raise RuntimeError(f"bench peer failed:\n{value}")
+        return value
+
+    def close(self) -> None:
+        self._conn.send((None, ()))
+        self._proc.join(timeout=30)
+
+
+def _serve(conn, setup: Callable[..., dict[str, Callable]], args: tuple) -> None:
+    import traceback
+
+    try:
+        fns = setup(*args)
+        conn.send(("ok", None))
+    except Exception:  # reported to the parent, which raises
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        name, call_args = conn.recv()
+        if name is None:
+            return
+        try:
+            conn.send(("ok", fns[name](*call_args)))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
 
 
 def time_call(fn: Callable[[], object]) -> float:
