@@ -69,6 +69,10 @@ class TopologyError(ValueError):
     """Unknown topology name, or libtpu is not installed."""
 
 
+class EstimateError(RuntimeError):
+    """XLA's cost analysis for this backend gives no roofline estimate (`optimal_seconds`)."""
+
+
 def arch_config(arch: str) -> Any:
     """LlavaConfig of a preset: '7b' / '13b' (LLaVA-1.5: CLIP ViT-L/14-336 + Vicuna, mlp2x_gelu, layer -2),
     'tiny' (for tests)."""
@@ -244,6 +248,9 @@ def estimate_mfu(cfg: ml_collections.ConfigDict, devices: list, topo: Topology,
         trains = facts["trains"]
         cost = compiled.cost_analysis()
         cost = (cost[0] if cost else {}) if isinstance(cost, list | tuple) else cost
+        if "optimal_seconds" not in (cost or {}):
+            raise EstimateError("XLA's cost analysis has no 'optimal_seconds' for this backend (TPU topologies "
+                                "give it); no MFU estimate")
         rows.append({"text_layers": text_layers, "vision_layers_run": vision_run,
                      "optimal_seconds": float(cost["optimal_seconds"]), "flops": float(cost.get("flops", 0.0)),
                      "compile_s": facts["compile_s"]})
@@ -293,7 +300,11 @@ def main(argv: list[str]) -> None:
     print_report(r, flags.FLAGS.topology, cfg)
     if flags.FLAGS.estimate_mfu:
         print("estimating MFU from unrolled shallow compiles of one micro-batch:", flush=True)
-        est = estimate_mfu(cfg, devices, topo)
+        try:
+            est = estimate_mfu(cfg, devices, topo)
+        except EstimateError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         r["xla_estimate"] = est
         print(f"XLA's estimate: {est['per_layer_s']['text'] * 1e3:.1f} ms per text layer, "
               f"{est['per_layer_s']['vision'] * 1e3:.1f} ms per vision layer; micro-batch {est['micro_batch_s']:.2f}s, "
