@@ -46,8 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.grad_clip = 1.0
     if variant in ("7b", "13b"):
         pretrain.scale_config(c, variant)
-        # Fits per `python -m llava_jax.aot --topology=v5p-8`: 7b with 4 micro-batches of 32 (59.7 of 95 GiB
-        # per chip; also v5e-16 with 8: 13.0 of 16 GiB), 13b with 8 micro-batches of 16 (86.9 of 95 GiB).
+        # Fits per `python -m llava_jax.aot --topology=v5p-8`: 7b with 4 micro-batches of 32 (51.3 of 95 GiB
+        # per chip; also v5e-16 with 8: 11.5 of 16 GiB), 13b with 8 micro-batches of 16 (78.6 of 95 GiB).
         c.grad_accum_steps = 4 if variant == "7b" else 8
     elif variant == "demo":
         pretrain.demo_config(c)

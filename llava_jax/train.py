@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots | dots_no_batch (jax.checkpoint policy of each scanned layer)
     c.model.loss_budget = 0.5  # fraction of positions sent through the vocabulary projection (0 = all)
     c.model.loss_chunk = 0  # positions per vocabulary chunk in the loss (0 = one piece)
-    c.model.attention_impl = ""  # '' (XLA default) | xla | cudnn (jax.nn.dot_product_attention implementation)
+    c.model.attention_impl = ""  # '' (XLA) | xla | cudnn (fused GPU) | flash_tpu (Pallas TPU kernel): layers.attention_fn
     c.model.arch = ""  # preset name used by aot.py when there is no model dir (7b, 13b)
 
     # Which parameters train: regexes searched in 'a/b/c' parameter paths; everything else is frozen.
@@ -361,6 +361,24 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[op
     return optax.chain(*parts, inner), main
 
 
+def check_attention_impl(cfg: ml_collections.ConfigDict) -> None:
+    """Fails before any compile when `model.attention_impl` is unknown, or is 'flash_tpu' while some batch
+    length (a data bucket) is not a multiple of the kernel's block: a bucket first seen hours into a run
+    would otherwise fail there."""
+    from llava_jax.data.pipeline import resolve_buckets
+    from llava_jax.models import layers
+
+    impl = cfg.model.attention_impl or None
+    if impl not in layers.ATTENTION_IMPLS:
+        raise ConfigError(f"unknown model.attention_impl {impl!r}; known: xla, cudnn, flash_tpu")
+    if impl == "flash_tpu":
+        lengths = resolve_buckets(cfg.data.bucket_lengths, cfg.data.max_length)
+        bad = [n for n in lengths if n % layers.FLASH_BLOCK]
+        if bad:
+            raise ConfigError(f"model.attention_impl 'flash_tpu' needs every batch length (data.bucket_lengths, "
+                              f"data.max_length) divisible by {layers.FLASH_BLOCK}; these are not: {bad}")
+
+
 def set_runtime_options(model: Any, *, remat: str, attention_impl: str | None) -> None:
     """Sets the remat policy name and attention implementation on every submodule that has them."""
     for _, module in nnx.iter_modules(model):
@@ -537,8 +555,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir).absolute()
     if cfg.batch_size % cfg.grad_accum_steps:
         raise ConfigError(f"batch_size {cfg.batch_size} does not divide by grad_accum_steps {cfg.grad_accum_steps}")
+    check_attention_impl(cfg)
 
     maybe_initialize_distributed(cfg)  # before anything touches the XLA backend (even jax.process_index)
+    if cfg.model.attention_impl == "flash_tpu" and jax.default_backend() != "tpu":
+        raise ConfigError(f"model.attention_impl 'flash_tpu' runs on TPU only (this backend: {jax.default_backend()}); "
+                          f"pass --config.model.attention_impl=cudnn on GPU or xla elsewhere")
     banner("mesh")
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_from_config(cfg.axis_rules)

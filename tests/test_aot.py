@@ -21,7 +21,8 @@ def test_aot_compiles_tiny_config_for_v5e_4(tmp_path):
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     cmd = [sys.executable, "-m", "llava_jax.aot", f"--config={REPO / 'configs' / 'finetune.py'}:7b",
-           "--config.model.arch=tiny", "--topology=v5e-4", "--config.batch_size=8", "--config.data.max_length=64",
+           "--config.model.arch=tiny", "--config.model.attention_impl=xla", "--topology=v5e-4", "--config.batch_size=8",
+           "--config.data.max_length=128",
            "--config.grad_accum_steps=2", f"--json={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,7 +59,8 @@ def test_mfu_estimate_extrapolates_a_deeper_unrolled_compile(monkeypatch):
     spec.loader.exec_module(module)
     cfg = module.get_config("7b")
     with cfg.unlocked():
-        cfg.model.arch, cfg.batch_size, cfg.grad_accum_steps, cfg.data.max_length = "tiny", 8, 2, 64
+        cfg.model.arch, cfg.batch_size, cfg.grad_accum_steps, cfg.data.max_length = "tiny", 8, 2, 128
+        cfg.model.attention_impl = "xla"  # the tiny preset's 16-wide heads are below the TPU kernel's tiles
     tiny = aot.arch_config("tiny")
     deep = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, num_hidden_layers=6),
                                vision=dataclasses.replace(tiny.vision, num_hidden_layers=5))  # runs 4

@@ -196,20 +196,71 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax
     return y
 
 
+ATTENTION_IMPLS = (None, "", "xla", "cudnn", "flash_tpu")
+
+
 def attention_fn(implementation: str | None):
-    """`jax.nn.dot_product_attention(q, k, v, mask)` ([B, T, N, H] x [B, S, K, H] -> [B, T, N, H]) for training.
+    """`attend(q, k, v, mask, segment_ids=None)` ([B, T, N, H] x [B, S, K, H] -> [B, T, N, H]) for training.
 
-    XLA's own implementation (None / "xla") materialises the [B, N, T, S] probabilities, and differentiating it
-    keeps them for the backward pass: inside a layer scan that is a stacked [layers, B, N, T, S] buffer written
-    and read every step. Recomputing the scores in the backward pass instead costs one [T, S] matmul per layer.
-    Fused kernels ("cudnn") keep only their small statistics already, so they are returned unwrapped.
+    None / "" / "xla": `jax.nn.dot_product_attention`'s XLA implementation. It materialises the [B, N, T, S]
+    probabilities, and differentiating it keeps them for the backward pass: inside a layer scan that is a
+    stacked [layers, B, N, T, S] buffer written and read every step. Recomputing the scores in the backward pass
+    instead costs one [T, S] matmul per layer. "cudnn": the fused GPU kernel (keeps only small statistics).
+    "flash_tpu": the Pallas TPU flash-attention kernel, causal self-attention only, masking by `segment_ids`
+    [B, T] (1 = token, 0 = padding) instead of `mask`; see `flash_tpu_attention`.
     """
-    def attend(q, k, v, mask):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    if implementation not in ATTENTION_IMPLS:
+        raise UnsupportedConfigError(f"unknown attention implementation {implementation!r}; known: "
+                                     f"{', '.join(repr(x) for x in ATTENTION_IMPLS[1:])}")
+    if implementation == "flash_tpu":
+        return lambda q, k, v, mask, segment_ids=None: flash_tpu_attention(q, k, v, segment_ids)
 
-    if implementation in (None, "xla"):
+    def attend(q, k, v, mask, segment_ids=None):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation or None)
+
+    if implementation in (None, "", "xla"):
         return jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
     return attend
+
+
+FLASH_BLOCK = 128
+
+
+def flash_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Causal self-attention with the Pallas TPU flash-attention kernel (no [T, S] matrix in memory).
+
+    q [B, T, N, H], k / v [B, T, K, H] (K divides N: grouped heads are repeated), segment_ids [B, T] int
+    (tokens 1, padding 0: a token attends to earlier tokens of its own segment, which for valid tokens is the
+    same as the causal-and-padding mask; padded positions' outputs differ and are never used). T must be a
+    multiple of FLASH_BLOCK. Under a mesh the kernel runs per shard (`shard_map` over the batch and head axes
+    the logical rules give), since XLA cannot partition a custom kernel. Returns [B, T, N, H].
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    b, t, n, h = q.shape
+    if t % FLASH_BLOCK:
+        raise UnsupportedConfigError(f"attention_impl 'flash_tpu' needs a sequence length divisible by "
+                                     f"{FLASH_BLOCK}, got {t}")
+    if k.shape[2] != n:
+        k, v = (jnp.repeat(x, n // k.shape[2], axis=2) for x in (k, v))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+
+    def local(q, k, v, seg):
+        heads_first = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
+        out = fa.flash_attention(*heads_first, segment_ids=fa.SegmentIds(q=seg, kv=seg), causal=True,
+                                 sm_scale=h ** -0.5)
+        return out.transpose(0, 2, 1, 3)
+
+    rules = _RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh is None or mesh.empty:
+        return local(q, k, v, segment_ids)
+    spec = logical_to_mesh_spec(("activation_batch", None, "activation_heads", None), rules)
+    seg_spec = jax.sharding.PartitionSpec(spec[0], None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
 def cached_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
