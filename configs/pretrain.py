@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from llava_jax.train import base_config
+from llava_jax.train_config import base_config
 
 
 def scale_config(c: ml_collections.ConfigDict, arch: str) -> None:

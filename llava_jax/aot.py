@@ -32,7 +32,11 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from llava_jax import checkpoint as ckpt  # noqa: E402
-from llava_jax import metrics, sharding  # noqa: E402
+from llava_jax import (  # noqa: E402
+    metrics,
+    sharding,
+    train_config,  # noqa: E402
+)
 from llava_jax import train as T  # noqa: E402
 
 
@@ -96,7 +100,7 @@ def arch_config(arch: str) -> Any:
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=32, patch_size=8, projection_dim=32)
     else:
-        raise T.ConfigError(f"unknown model.arch {arch!r}: 7b, 13b or tiny")
+        raise train_config.ConfigError(f"unknown model.arch {arch!r}: 7b, 13b or tiny")
     return LlavaConfig(vision=vision, text=text, image_token_id=32000, projector="mlp2x_gelu",
                        vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=32001)
 
@@ -129,7 +133,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
     stacks (so that XLA's cost analysis sees every layer)."""
     from llava_jax.models.llava import Llava
 
-    T.check_attention_impl(cfg)
+    train_config.check_attention_impl(cfg)
     mcfg = mcfg or arch_config(cfg.model.arch)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     rules = sharding.rules_from_config(cfg.axis_rules)
@@ -139,7 +143,8 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
     remat = None if cfg.model.remat == "none" else cfg.model.remat
 
     def build():
-        model = Llava(mcfg, dtype=T.dtype_of(cfg.model.dtype), param_dtype=T.dtype_of(cfg.model.param_dtype),
+        model = Llava(mcfg, dtype=train_config.dtype_of(cfg.model.dtype),
+                      param_dtype=train_config.dtype_of(cfg.model.param_dtype),
                       rngs=nnx.Rngs(0), attention_impl=cfg.model.attention_impl or None, remat=remat)
         return model, nnx.Optimizer(model, tx, wrt=trainable)
 
@@ -304,7 +309,7 @@ def main(argv: list[str]) -> None:
     try:
         devices, topo = topology_devices(flags.FLAGS.topology)
         compiled, facts = compile_step(cfg, devices)
-    except (TopologyError, T.ConfigError, sharding.MeshConfigError) as e:
+    except (TopologyError, train_config.ConfigError, sharding.MeshConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     r = report(compiled, facts, topo, cfg)

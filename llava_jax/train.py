@@ -35,6 +35,7 @@ from llava_jax import checkpoint as ckpt
 from llava_jax import metrics as train_metrics
 from llava_jax import sharding
 from llava_jax.loss import IGNORE_INDEX, llava_loss
+from llava_jax.train_config import ConfigError, check_attention_impl, dtype_of
 
 log = logging.getLogger("llava_jax.train")
 
@@ -43,98 +44,6 @@ BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "has_imag
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class ConfigError(ValueError):
-    """The training config is inconsistent."""
-
-
-# ===================================================================================================
-# Config defaults (configs/pretrain.py and configs/finetune.py start from this and set the recipe).
-# ===================================================================================================
-
-
-def base_config() -> ml_collections.ConfigDict:
-    """Every key the trainer reads, with neutral defaults; stage configs override the recipe."""
-    c = ml_collections.ConfigDict()
-    c.stage = "finetune"  # informational: 'pretrain' (stage 1) or 'finetune' (stage 2)
-    c.init_from = ""  # a model dir (convert compose / from-hf) or an earlier stage's workdir
-    c.seed = 0
-
-    c.model = ml_collections.ConfigDict()
-    c.model.dtype = "float32"  # compute dtype
-    c.model.param_dtype = "float32"  # master weights
-    c.model.remat = "none"  # none | full | dots | dots_no_batch (jax.checkpoint policy of each scanned layer)
-    c.model.loss_budget = 0.5  # fraction of positions sent through the vocabulary projection (0 = all)
-    c.model.loss_chunk = 0  # positions per vocabulary chunk in the loss (0 = one piece)
-    c.model.attention_impl = ""  # '' (XLA) | xla | cudnn (fused GPU) | flash_tpu (Pallas TPU kernel): layers.attention_fn
-    c.model.arch = ""  # preset name used by aot.py when there is no model dir (7b, 13b)
-
-    # Which parameters train: regexes searched in 'a/b/c' parameter paths; everything else is frozen.
-    c.trainable = ("^projector/",)
-    c.projector_pattern = "^projector/"  # gets optimizer.projector_lr when that is > 0
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "llava_json"  # llava_json | random (fixed-shape random tokens, for AOT/benchmarks)
-    c.data.train_file = ""
-    c.data.image_root = ""
-    c.data.template = "vicuna_v1"
-    c.data.max_length = 2048
-    c.data.bucket_lengths = ()  # empty = the pipeline's default buckets up to max_length
-    c.data.aspect = "pad"
-    c.data.num_workers = 0
-    c.data.shuffle = True
-    c.data.max_skip_fraction = 0.01
-
-    c.batch_size = 128  # global, per optimizer step
-    c.grad_accum_steps = 1
-    c.num_epochs = 1.0
-    c.max_steps = -1  # > 0 overrides num_epochs
-
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.lr = 2e-5
-    c.optimizer.projector_lr = 0.0  # 0 = same as lr
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.warmup_ratio = 0.03
-    c.optimizer.schedule = "cosine"  # cosine | constant | linear
-    c.optimizer.grad_clip = 1.0
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    # logical axis -> mesh axes, by precedence; "name:" = replicated
-    c.axis_rules = sharding.rules_to_config(sharding.DEFAULT_RULES)
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 500
-    c.checkpoint.keep = 3
-    c.checkpoint.use_async = True
-
-    c.log_every = 10
-    c.peak_tflops_per_device = 0.0  # 0 = look up the device kind; unknown kinds report no MFU
-    c.progress = True
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.file = ""  # held-out JSONL (question_id, image, text, answer, choices)
-    c.eval.image_root = ""
-    c.eval.max_new_tokens = 8
-    c.eval.batch_size = 32
-    c.eval.limit = 0  # > 0: first N questions only
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.enabled = False
-    c.distributed.coordinator_address = ""  # host:port; empty = from the environment
-    c.distributed.num_processes = -1
-    c.distributed.process_id = -1
-
-    c.debug = ml_collections.ConfigDict()
-    c.debug.fail_at_step = -1  # tests: inject a NaN loss at this step
-    c.debug.step_sleep_s = 0.0  # tests: sleep after every step (to interrupt a run at a known point)
-    return c
 
 
 def banner(title: str) -> None:
@@ -147,14 +56,6 @@ def info(msg: str) -> None:
     """Prints a line on process 0."""
     if jax.process_index() == 0:
         print(msg, flush=True)
-
-
-def dtype_of(name: str) -> Any:
-    """'bfloat16' | 'float32' | 'float16' -> jnp dtype."""
-    table = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-    if name not in table:
-        raise ConfigError(f"unknown dtype {name!r}; known: {sorted(table)}")
-    return table[name]
 
 
 # ===================================================================================================
@@ -359,24 +260,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[op
         inner = adamw(main)
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip and o.grad_clip > 0 else []
     return optax.chain(*parts, inner), main
-
-
-def check_attention_impl(cfg: ml_collections.ConfigDict) -> None:
-    """Fails before any compile when `model.attention_impl` is unknown, or is 'flash_tpu' while some batch
-    length (a data bucket) is not a multiple of the kernel's block: a bucket first seen hours into a run
-    would otherwise fail there."""
-    from llava_jax.data.pipeline import resolve_buckets
-    from llava_jax.models import layers
-
-    impl = cfg.model.attention_impl or None
-    if impl not in layers.ATTENTION_IMPLS:
-        raise ConfigError(f"unknown model.attention_impl {impl!r}; known: xla, cudnn, flash_tpu")
-    if impl == "flash_tpu":
-        lengths = resolve_buckets(cfg.data.bucket_lengths, cfg.data.max_length)
-        bad = [n for n in lengths if n % layers.FLASH_BLOCK]
-        if bad:
-            raise ConfigError(f"model.attention_impl 'flash_tpu' needs every batch length (data.bucket_lengths, "
-                              f"data.max_length) divisible by {layers.FLASH_BLOCK}; these are not: {bad}")
 
 
 def set_runtime_options(model: Any, *, remat: str, attention_impl: str | None) -> None:

@@ -64,17 +64,17 @@ def test_flash_tpu_rejects_unaligned_length_and_unknown_impl_is_named():
 
 
 def test_trainer_config_check_names_unaligned_buckets_and_unknown_impls():
-    from llava_jax import train as T
+    from llava_jax import train_config
 
-    cfg = T.base_config()
+    cfg = train_config.base_config()
     with cfg.unlocked():
         cfg.model.attention_impl, cfg.data.max_length, cfg.data.bucket_lengths = "flash_tpu", 2048, (1000, 2048)
-    with pytest.raises(T.ConfigError, match=r"divisible by 128; these are not: \[1000\]"):
-        T.check_attention_impl(cfg)
+    with pytest.raises(train_config.ConfigError, match=r"divisible by 128; these are not: \[1000\]"):
+        train_config.check_attention_impl(cfg)
     with cfg.unlocked():
         cfg.data.bucket_lengths = (1024, 2048)
-    T.check_attention_impl(cfg)  # aligned: accepted
+    train_config.check_attention_impl(cfg)  # aligned: accepted
     with cfg.unlocked():
         cfg.model.attention_impl = "splash"
-    with pytest.raises(T.ConfigError, match="unknown model.attention_impl 'splash'"):
-        T.check_attention_impl(cfg)
+    with pytest.raises(train_config.ConfigError, match="unknown model.attention_impl 'splash'"):
+        train_config.check_attention_impl(cfg)

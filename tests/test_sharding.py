@@ -105,6 +105,7 @@ def _child() -> None:
     from llava_jax.models.clip import CLIPVisionConfig
     from llava_jax.models.llama import LlamaConfig
     from llava_jax.models.llava import LlavaConfig, build_llava
+    from llava_jax.train_config import base_config
 
     cfg = LlavaConfig(
         vision=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -119,7 +120,7 @@ def _child() -> None:
 
     def run(sizes, devices, *, batch, accum, trainable, steps=3):
         model = build_llava(cfg, seed=0)
-        c = T.base_config()
+        c = base_config()
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = sizes
         c.optimizer.lr, c.optimizer.warmup_ratio = 1e-2, 0.0
         tx, _ = T.make_optimizer(c, steps)
