@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -34,13 +33,6 @@ def bench_config(vocab: int = 32000, width: int = 512, layers: int = 4, image: i
                        num_hidden_layers=layers, num_attention_heads=width // 64,
                        num_key_value_heads=width // 64, max_position_embeddings=4096)
     return LlavaConfig(vision=vision, text=text, image_token_id=vocab - 1, projector="mlp2x_gelu")
-
-
-def hf_twin(model, config: LlavaConfig, attn: str = "sdpa"):
-    """transformers' LlavaForConditionalGeneration holding exactly `model`'s weights (through our export)."""
-    with tempfile.TemporaryDirectory() as d:
-        export_twin(model, config, d)
-        return load_hf(d, attn)
 
 
 def export_twin(model, config: LlavaConfig, directory: str) -> None:

@@ -196,7 +196,8 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax
     return y
 
 
-ATTENTION_IMPLS = (None, "", "xla", "cudnn", "flash_tpu")
+XLA_ATTENTION = (None, "", "xla")  # names of jax.nn.dot_product_attention's XLA path
+ATTENTION_IMPLS = (*XLA_ATTENTION, "cudnn", "flash_tpu")
 
 
 def attention_fn(implementation: str | None):
@@ -218,7 +219,7 @@ def attention_fn(implementation: str | None):
     def attend(q, k, v, mask, segment_ids=None):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation or None)
 
-    if implementation in (None, "", "xla"):
+    if implementation in XLA_ATTENTION:
         return jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
     return attend
 

@@ -235,13 +235,13 @@ class LlamaForCausalLM(nnx.Module):
 
         def attend_and_mlp(x, w, k_all, v_all, q):
             if cache is not None:  # k_all [B, K, H, S], v_all [B, K, S, H]: the cache's layouts
-                if impl in (None, "", "xla", "flash_tpu"):
+                if impl in (*L.XLA_ATTENTION, "flash_tpu"):
                     a = L.cached_attention(q, k_all, v_all, mask)
                 else:
                     a = attention(q, k_all.transpose(0, 3, 1, 2), v_all.transpose(0, 2, 1, 3), mask)
             elif impl == "flash_tpu":
                 a = attention(q, k_all, v_all, mask, segment_ids=valid)
-            elif impl in (None, "", "xla"):
+            elif impl in L.XLA_ATTENTION:
                 # Skipping fully masked key blocks pays on CPU (3.16 -> 3.10 s/step on the bench); on TPU it raised
                 # XLA's estimated time per 7b layer (89.7 -> 98.3 ms), so other platforms attend in one piece.
                 # Fused kernels skip masked blocks themselves.
