@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage = "finetune"  # informational: 'pretrain' (stage 1) or 'finetune' (stage 2)
     c.init_from = ""  # a model dir (convert compose / from-hf) or an earlier stage's workdir
     c.seed = 0
+    c.host_memory = "auto"  # auto | retain | system: host allocator on XLA:CPU (llava_jax.host_memory)
 
     c.model = ml_collections.ConfigDict()
     c.model.dtype = "float32"  # compute dtype
@@ -29,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots | dots_no_batch (jax.checkpoint policy of each scanned layer)
     c.model.loss_budget = 0.5  # fraction of positions sent through the vocabulary projection (0 = all)
     c.model.loss_chunk = 0  # positions per vocabulary chunk in the loss (0 = one piece)
-    c.model.attention_impl = ""  # '' (XLA) | xla | cudnn (fused GPU) | flash_tpu (Pallas TPU kernel): layers.attention_fn
+    c.model.attention_impl = ""  # '' (XLA) | xla | cudnn (fused GPU) | flash_tpu (Pallas TPU kernel): attention.attention_fn
     c.model.arch = ""  # preset name used by aot.py when there is no model dir (7b, 13b)
 
     # Which parameters train: regexes searched in 'a/b/c' parameter paths; everything else is frozen.
@@ -112,15 +113,15 @@ def check_attention_impl(cfg: ml_collections.ConfigDict) -> None:
     length (a data bucket) is not a multiple of the kernel's block: a bucket first seen hours into a run
     would otherwise fail there."""
     from llava_jax.data.pipeline import resolve_buckets
-    from llava_jax.models import layers
+    from llava_jax.models import attention
 
     impl = cfg.model.attention_impl or None
-    if impl not in layers.ATTENTION_IMPLS:
-        known = ", ".join(str(x) for x in layers.ATTENTION_IMPLS if x)
+    if impl not in attention.ATTENTION_IMPLS:
+        known = ", ".join(str(x) for x in attention.ATTENTION_IMPLS if x)
         raise ConfigError(f"unknown model.attention_impl {impl!r}; known: {known}")
     if impl == "flash_tpu":
         lengths = resolve_buckets(cfg.data.bucket_lengths, cfg.data.max_length)
-        bad = [n for n in lengths if n % layers.FLASH_BLOCK]
+        bad = [n for n in lengths if n % attention.FLASH_BLOCK]
         if bad:
             raise ConfigError(f"model.attention_impl 'flash_tpu' needs every batch length (data.bucket_lengths, "
-                              f"data.max_length) divisible by {layers.FLASH_BLOCK}; these are not: {bad}")
+                              f"data.max_length) divisible by {attention.FLASH_BLOCK}; these are not: {bad}")

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 
+from llava_jax.models import attention as A
 from llava_jax.models import layers as L
 from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from llava_jax.tiny import tiny_llama_kwargs
@@ -29,10 +30,10 @@ def test_flash_tpu_attention_matches_xla_at_tokens():
     weight = jnp.asarray(valid, jnp.float32)[:, :, None, None]  # only real tokens' outputs count
 
     def xla(q, k, v):
-        return jnp.sum(jnp.sin(L.attention_fn(None)(q, k, v, mask)) * weight)
+        return jnp.sum(jnp.sin(A.attention_fn(None)(q, k, v, mask)) * weight)
 
     def flash(q, k, v):
-        return jnp.sum(jnp.sin(L.attention_fn("flash_tpu")(q, k, v, mask, segment_ids=jnp.asarray(valid))) * weight)
+        return jnp.sum(jnp.sin(A.attention_fn("flash_tpu")(q, k, v, mask, segment_ids=jnp.asarray(valid))) * weight)
 
     with pltpu.force_tpu_interpret_mode():
         got, grads = flash(q, k, v), jax.grad(flash, (0, 1, 2))(q, k, v)
@@ -58,9 +59,9 @@ def test_decoder_with_flash_tpu_matches_xla_at_tokens():
 def test_flash_tpu_rejects_unaligned_length_and_unknown_impl_is_named():
     x = jnp.zeros((1, 100, 2, 64))
     with pytest.raises(L.UnsupportedConfigError, match="divisible by 128"):
-        L.attention_fn("flash_tpu")(x, x, x, None)
+        A.attention_fn("flash_tpu")(x, x, x, None)
     with pytest.raises(L.UnsupportedConfigError, match="unknown attention implementation 'splash'"):
-        L.attention_fn("splash")
+        A.attention_fn("splash")
 
 
 def test_trainer_config_check_names_unaligned_buckets_and_unknown_impls():

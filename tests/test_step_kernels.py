@@ -1,5 +1,5 @@
 """The train step's hand-written pieces equal the plain JAX they replace, values and gradients:
-the dense layer's custom weight gradient, causal block-skipping attention and the cross entropy."""
+the dense layer's custom weight gradient and the cross entropy (attention: tests/test_attention.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -61,45 +61,6 @@ def test_dense_weight_gradient_is_a_plain_row_major_matmul_on_cpu():
     assert len(dims) == 2 and set(dims) == {"1"}
 
 
-def _attention_inputs(t: int, pad: int):
-    rng = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32) for _ in range(3))
-    valid = np.ones((2, t), bool)
-    valid[1, t - pad:] = False  # row 1 right-padded
-    causal = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
-    causal |= np.eye(t, dtype=bool)[None]
-    return q, k, v, jnp.asarray(causal[:, None])
-
-
-@pytest.mark.parametrize("t,block", [(32, 8), (32, 16), (30, 8)])  # 4 pieces, 2 pieces, not divisible
-def test_causal_block_attention_matches_full(t, block):
-    q, k, v, mask = _attention_inputs(t, pad=5)
-    attend = L.attention_fn(None)
-
-    def ours(q, k, v):
-        return jnp.sum(jnp.sin(L.causal_block_attention(attend, q, k, v, mask, block=block)))
-
-    def full(q, k, v):
-        return jnp.sum(jnp.sin(attend(q, k, v, mask)))
-
-    np.testing.assert_allclose(ours(q, k, v), full(q, k, v), rtol=1e-5)
-    for a, e in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(full, (0, 1, 2))(q, k, v), strict=True):
-        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
-
-
-def test_causal_block_attention_skips_work():
-    q, k, v, mask = _attention_inputs(64, pad=0)
-    attend = L.attention_fn(None)
-
-    def flops(fn):
-        cost = jax.jit(fn).lower(q, k, v).compile().cost_analysis()
-        return (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
-
-    full = flops(lambda q, k, v: attend(q, k, v, mask))
-    blocked = flops(lambda q, k, v: L.causal_block_attention(attend, q, k, v, mask, block=16))  # 4 pieces
-    assert blocked < 0.75 * full
-
-
 def test_nll_sum_matches_log_softmax_and_is_stable():
     rng = np.random.default_rng(2)
     logits = jnp.asarray(rng.normal(size=(2, 6, 11)) * 30 + 500, jnp.float32)  # large, far from zero
@@ -116,15 +77,3 @@ def test_nll_sum_matches_log_softmax_and_is_stable():
     np.testing.assert_allclose(g, jax.grad(ref)(logits), atol=1e-4)  # logits near 500: fp32 spacing 3e-5
     np.testing.assert_array_equal(g[1, 2:], 0.0)  # ignored positions get no gradient
     np.testing.assert_allclose(jnp.sum(g[0], axis=-1), 0.0, atol=1e-4)  # softmax minus one-hot sums to 0
-
-
-def test_cached_attention_matches_dot_product_attention_with_grouped_heads():
-    rng = np.random.default_rng(3)
-    b, t, s, kv, g, h = 2, 3, 10, 2, 3, 8  # 6 query heads share 2 key/value heads
-    q = jnp.asarray(rng.normal(size=(b, t, kv * g, h)), jnp.float32)
-    k = jnp.asarray(rng.normal(size=(b, s, kv, h)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(b, s, kv, h)), jnp.float32)
-    mask = jnp.asarray(rng.random((b, 1, t, s)) > 0.3).at[..., 0].set(True)
-    expected = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    got = L.cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llava_jax.models import attention as A
 from llava_jax.models import layers as L
 
 
@@ -124,7 +125,7 @@ class EncoderStack(nnx.Module):
         act = L.activation(self.act)
         heads, eps = self.heads, self.eps
 
-        attention = L.attention_fn(None)
+        attention = A.attention_fn(None)
 
         def body(x, w):
             b, t, d = x.shape

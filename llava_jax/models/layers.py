@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -194,112 +194,6 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax
     if bias is not None:
         y = y + bias.astype(x.dtype)
     return y
-
-
-XLA_ATTENTION = (None, "", "xla")  # names of jax.nn.dot_product_attention's XLA path
-ATTENTION_IMPLS = (*XLA_ATTENTION, "cudnn", "flash_tpu")
-
-
-def attention_fn(implementation: str | None):
-    """`attend(q, k, v, mask, segment_ids=None)` ([B, T, N, H] x [B, S, K, H] -> [B, T, N, H]) for training.
-
-    None / "" / "xla": `jax.nn.dot_product_attention`'s XLA implementation. It materialises the [B, N, T, S]
-    probabilities, and differentiating it keeps them for the backward pass: inside a layer scan that is a
-    stacked [layers, B, N, T, S] buffer written and read every step. Recomputing the scores in the backward pass
-    instead costs one [T, S] matmul per layer. "cudnn": the fused GPU kernel (keeps only small statistics).
-    "flash_tpu": the Pallas TPU flash-attention kernel, causal self-attention only, masking by `segment_ids`
-    [B, T] (1 = token, 0 = padding) instead of `mask`; see `flash_tpu_attention`.
-    """
-    if implementation not in ATTENTION_IMPLS:
-        raise UnsupportedConfigError(f"unknown attention implementation {implementation!r}; known: "
-                                     f"{', '.join(repr(x) for x in ATTENTION_IMPLS[1:])}")
-    if implementation == "flash_tpu":
-        return lambda q, k, v, mask, segment_ids=None: flash_tpu_attention(q, k, v, segment_ids)
-
-    def attend(q, k, v, mask, segment_ids=None):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation or None)
-
-    if implementation in XLA_ATTENTION:
-        return jax.checkpoint(attend, policy=jax.checkpoint_policies.nothing_saveable)
-    return attend
-
-
-FLASH_BLOCK = 128
-
-
-def flash_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """Causal self-attention with the Pallas TPU flash-attention kernel (no [T, S] matrix in memory).
-
-    q [B, T, N, H], k / v [B, T, K, H] (K divides N: grouped heads are repeated), segment_ids [B, T] int
-    (tokens 1, padding 0: a token attends to earlier tokens of its own segment, which for valid tokens is the
-    same as the causal-and-padding mask; padded positions' outputs differ and are never used). T must be a
-    multiple of FLASH_BLOCK. Under a mesh the kernel runs per shard (`shard_map` over the batch and head axes
-    the logical rules give), since XLA cannot partition a custom kernel. Returns [B, T, N, H].
-    """
-    from jax.experimental.pallas.ops.tpu import flash_attention as fa
-
-    b, t, n, h = q.shape
-    if t % FLASH_BLOCK:
-        raise UnsupportedConfigError(f"attention_impl 'flash_tpu' needs a sequence length divisible by "
-                                     f"{FLASH_BLOCK}, got {t}")
-    if k.shape[2] != n:
-        k, v = (jnp.repeat(x, n // k.shape[2], axis=2) for x in (k, v))
-    if segment_ids is None:
-        segment_ids = jnp.ones((b, t), jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
-
-    def local(q, k, v, seg):
-        heads_first = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]
-        out = fa.flash_attention(*heads_first, segment_ids=fa.SegmentIds(q=seg, kv=seg), causal=True,
-                                 sm_scale=h ** -0.5)
-        return out.transpose(0, 2, 1, 3)
-
-    rules = _RULES.get()
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh is None or mesh.empty:
-        return local(q, k, v, segment_ids)
-    spec = logical_to_mesh_spec(("activation_batch", None, "activation_heads", None), rules)
-    seg_spec = jax.sharding.PartitionSpec(spec[0], None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec,
-                         check_vma=False)(q, k, v, segment_ids)
-
-
-def cached_attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention of new queries over a KV cache kept in matmul-ready layouts (XLA path, inference).
-
-    q [B, T, N, H]; k_t [B, K, H, S] (keys transposed); v [B, K, S, H]; mask [B, 1, T, S] (True = attend).
-    N = K x G query heads share each key/value head. Both products are then plain row-major batched matmuls;
-    with the [B, S, K, H] cache layout XLA:CPU copied every layer's whole K and V cache into transposed
-    layout at every decode step. Scores and softmax in float32. Returns [B, T, N, H] in q's dtype.
-    """
-    b, t, n, h = q.shape
-    kv = k_t.shape[1]
-    qg = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bkhs->bkgts", qg, k_t, preferred_element_type=jnp.float32) * (h ** -0.5)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
-    return out.reshape(b, t, n, h).astype(q.dtype)
-
-
-def causal_block_attention(attend: Callable, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                           block: int = 128, max_blocks: int = 8) -> jax.Array:
-    """`attend(q, k, v, mask)` for causal self-attention, skipping the key blocks that no query can see.
-
-    q [B, T, N, H], k / v [B, T, K, H], mask [B, 1, T, T] with mask[..., i, j] False for every j > i (keys
-    after the query; padding may mask more). The queries are split into n = min(max_blocks, T // block)
-    equal pieces; piece i attends only keys [0, (i + 1) T / n), which holds every key its mask allows, so the
-    result is the same while the [T, T] score work falls to (n + 1) / 2n of it (62.5% at n = 4, 56% at n = 8),
-    forward and backward. Returns [B, T, N, H]; T not divisible into pieces runs unsplit.
-    """
-    t = q.shape[1]
-    n = min(max_blocks, t // block)
-    if n <= 1 or t % n or k.shape[1] != t:
-        return attend(q, k, v, mask)
-    c = t // n
-    pieces = [attend(q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
-                     mask[:, :, i * c:(i + 1) * c, :(i + 1) * c]) for i in range(n)]
-    return jnp.concatenate(pieces, axis=1)
 
 
 def remat_policy(name: str | None):

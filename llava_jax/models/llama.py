@@ -1,7 +1,7 @@
 """LLaMA decoder in Flax NNX, numerically equal to transformers' `LlamaForCausalLM`.
 
-RMSNorm, rotary embeddings (default, linear and `llama3` scaling), grouped-query attention through
-`jax.nn.dot_product_attention`, SwiGLU MLP, optional attention / MLP biases, optional tied embeddings, and a
+RMSNorm, rotary embeddings (default, linear and `llama3` scaling), grouped-query attention (`attention.py`:
+XLA with a hand-written backward pass, cuDNN, or the Pallas TPU flash kernel), SwiGLU MLP, optional attention / MLP biases, optional tied embeddings, and a
 fixed-size KV cache for decoding. Decoder layers are stored stacked (leading axis 'layers') and scanned.
 """
 
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax.models import attention as A
 from llava_jax.models import layers as L
 
 Cache = dict[str, jax.Array]
@@ -173,7 +174,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
         """An empty KV cache: keys transposed k [Lyr, B, Nk, Hd, S], values v [Lyr, B, Nk, S, Hd] (the layouts
-        `layers.cached_attention` multiplies without copies), `valid` [B, S] int32 and write `index` []."""
+        `attention.cached_attention` multiplies without copies), `valid` [B, S] int32 and write `index` []."""
         c = self.config
         lyr, nk, hd = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
         dt = dtype or self.dtype
@@ -231,22 +232,23 @@ class LlamaForCausalLM(nnx.Module):
         impl, act = self.attention_impl, L.activation(c.hidden_act)
         dtype = self.dtype
 
-        attention = L.attention_fn(impl)
+        attention = A.attention_fn(impl)
 
         def attend_and_mlp(x, w, k_all, v_all, q):
             if cache is not None:  # k_all [B, K, H, S], v_all [B, K, S, H]: the cache's layouts
-                if impl in (*L.XLA_ATTENTION, "flash_tpu"):
-                    a = L.cached_attention(q, k_all, v_all, mask)
+                if impl in (*A.XLA_ATTENTION, "flash_tpu"):
+                    a = A.cached_attention(q, k_all, v_all, mask)
                 else:
                     a = attention(q, k_all.transpose(0, 3, 1, 2), v_all.transpose(0, 2, 1, 3), mask)
             elif impl == "flash_tpu":
                 a = attention(q, k_all, v_all, mask, segment_ids=valid)
-            elif impl in L.XLA_ATTENTION:
+            elif impl in A.XLA_ATTENTION:
                 # Skipping fully masked key blocks pays on CPU (3.16 -> 3.10 s/step on the bench); on TPU it raised
                 # XLA's estimated time per 7b layer (89.7 -> 98.3 ms), so other platforms attend in one piece.
                 # Fused kernels skip masked blocks themselves.
-                a = jax.lax.platform_dependent(q, k_all, v_all, mask, default=attention,
-                                               cpu=functools.partial(L.causal_block_attention, attention))
+                pieces = A.causal_pieces(t)
+                a = jax.lax.platform_dependent(q, k_all, v_all, mask, default=A.xla_attention,
+                                               cpu=functools.partial(A.xla_attention, pieces=pieces))
             else:
                 a = attention(q, k_all, v_all, mask)
             x = x + L.dense(a.reshape(b, t, nq * hd), w["o_kernel"], w.get("o_bias"))
