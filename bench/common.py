@@ -113,6 +113,21 @@ def _serve(conn, setup: Callable[..., dict[str, Callable]], args: tuple) -> None
             conn.send(("error", traceback.format_exc()))
 
 
+def add_allocator_flags(parser) -> None:
+    """--ours-allocator / --hf-allocator: each peer's host allocator mode (`llava_jax.host_memory`)."""
+    parser.add_argument("--ours-allocator", default="auto", choices=("auto", "retain", "system"),
+                        help="llava_jax's process (auto: as its CLIs do)")
+    parser.add_argument("--hf-allocator", default="system", choices=("system", "retain"),
+                        help="transformers' process (system: as it ships; retain: the same setting as ours)")
+
+
+def set_allocator(mode: str) -> None:
+    """In a peer, before its framework starts threads: `llava_jax.host_memory.retain_freed_memory(mode)`."""
+    from llava_jax import host_memory
+
+    host_memory.retain_freed_memory(mode)
+
+
 def time_call(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()

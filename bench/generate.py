@@ -5,7 +5,9 @@ image prompt (256 image tokens + a short question), 64 new tokens (EOS disabled 
 and batch 8, timed alternately after warm-up, each framework in a process of its own (`common.Peer`). Also
 checks that both produce the same tokens.
 
-  .venv/bin/python bench/generate.py [--rounds 3] [--new 64]
+  .venv/bin/python bench/generate.py [--rounds 3] [--new 64] [--ours-allocator auto] [--hf-allocator system]
+
+(allocator flags: see bench/train_step.py)
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def _make_inputs(config, batch: int, seed: int) -> tuple[list[list[int]], np.nda
     return prompts, rng.normal(size=(batch, size, size, 3)).astype(np.float32)
 
 
-def _ours_setup(unroll: int, new: int) -> dict:
+def _ours_setup(unroll: int, new: int, allocator: str) -> dict:
     """(In the llava_jax process.) The bench model from its seed; gen(prompts, pixels) -> new token lists."""
+    common.set_allocator(allocator)  # as llava_jax.generate's CLI does before JAX starts
     config = common.bench_config()
     model = common.build(config)
     common.set_unroll(model, unroll)
@@ -52,8 +55,9 @@ def _ours_setup(unroll: int, new: int) -> dict:
     return {"load": load, "gen": gen}
 
 
-def _hf_setup(hf_dir: str, new: int) -> dict:
+def _hf_setup(hf_dir: str, new: int, allocator: str) -> dict:
     """(In the transformers process.) The exported twin; gen(prompts, pixels) -> new token lists."""
+    common.set_allocator(allocator)
     import torch
 
     hf = common.load_hf(hf_dir).eval()
@@ -80,14 +84,15 @@ def main() -> None:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--unroll", type=int, default=1, help="layers per scan iteration (0: fully unrolled)")
+    common.add_allocator_flags(p)
     args = p.parse_args()
 
     config = common.bench_config()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         common.export_twin(common.build(config), config, tmp)  # the same seed's weights as the ours process
-        ours = common.Peer(_ours_setup, args.unroll, args.new)
-        hf = common.Peer(_hf_setup, tmp, args.new)
+        ours = common.Peer(_ours_setup, args.unroll, args.new, args.ours_allocator)
+        hf = common.Peer(_hf_setup, tmp, args.new, args.hf_allocator)
         for b in [int(x) for x in args.batches.split(",")]:
             prompts, pixels = _make_inputs(config, b, seed=b)
             ours("load", prompts, pixels)
@@ -104,7 +109,8 @@ def main() -> None:
                   f"ratio {r['ratio']:.2f}, identical outputs {same:.0%}", flush=True)
         ours.close()
         hf.close()
-    common.emit({"bench": "generate", "new_tokens": args.new, **results,
+    common.emit({"bench": "generate", "new_tokens": args.new, "ours_allocator": args.ours_allocator,
+                 "hf_allocator": args.hf_allocator, **results,
                  "ratio": min(r["ratio"] for r in results.values()), "machine": common.machine()})
 
 

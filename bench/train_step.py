@@ -6,6 +6,11 @@ AdamW on every parameter, fp32, timed alternately after warm-up, each framework 
 do, `step_flops`) as a fraction of the machine's matmul peak measured in this run.
 
   .venv/bin/python bench/train_step.py [--rounds 5] [--budget 0.5] [--chunk 0] [--remat none]
+      [--ours-allocator auto] [--hf-allocator system]
+
+Host allocator (`llava_jax.host_memory`): llava_jax's process is set up as its trainer sets itself up (freed
+memory retained on XLA:CPU); transformers' keeps the system allocator unless --hf-allocator=retain gives it the
+same setting, which isolates the frameworks' own difference.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ def step_flops(config, batch: int, seq: int, budget: float) -> tuple[float, floa
 
 def _ours_setup(opts: dict, batch_path: str) -> dict:
     """(In the llava_jax process.) The bench model from its seed, the trainer's step and the batch."""
+    common.set_allocator(opts["ours_allocator"])  # as the trainer does before JAX starts (config.host_memory)
     config = common.bench_config()
     model = common.build(config, remat=opts["remat"])
     common.set_unroll(model, opts["unroll"])
@@ -93,8 +99,9 @@ def _ours_setup(opts: dict, batch_path: str) -> dict:
     return {"step": run}
 
 
-def _hf_setup(hf_dir: str, batch_path: str) -> dict:
+def _hf_setup(hf_dir: str, batch_path: str, allocator: str) -> dict:
     """(In the transformers process.) The exported twin, AdamW and the same batch as torch tensors."""
+    common.set_allocator(allocator)
     import torch
 
     torch.manual_seed(0)
@@ -127,8 +134,9 @@ def main() -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--unroll", type=int, default=1, help="layers per scan iteration (0: fully unrolled)")
     p.add_argument("--ours-only", action="store_true", help="time llava_jax alone (for trying settings)")
+    common.add_allocator_flags(p)
     args = p.parse_args()
-    opts = {k: getattr(args, k) for k in ("remat", "unroll", "budget", "chunk")}
+    opts = {k: getattr(args, k) for k in ("remat", "unroll", "budget", "chunk", "ours_allocator")}
 
     config = common.bench_config()
     batch = make_batch(config, args.batch, args.seq)
@@ -146,7 +154,7 @@ def main() -> None:
                          "ours_tokens_per_s": tokens / common.median(ts)})
             return
         common.export_twin(common.build(config, remat=args.remat), config, hf_dir)  # the same seed's weights
-        hf = common.Peer(_hf_setup, hf_dir, batch_path)
+        hf = common.Peer(_hf_setup, hf_dir, batch_path, args.hf_allocator)
         # same starting weights -> the first losses agree (a correctness check of the comparison itself)
         first_ours, first_hf = ours("step"), hf("step")
         ta, tb = common.alternate(lambda: ours("step"), lambda: hf("step"), rounds=args.rounds, warmup=1)
@@ -157,7 +165,8 @@ def main() -> None:
     hf_flops, ours_flops = step_flops(config, args.batch, args.seq, args.budget)
     result = {
         "bench": "train_step", "batch": args.batch, "seq": args.seq, "budget": args.budget, "chunk": args.chunk,
-        "remat": args.remat, "first_loss_ours": first_ours, "first_loss_hf": first_hf,
+        "remat": args.remat, "ours_allocator": args.ours_allocator, "hf_allocator": args.hf_allocator,
+        "first_loss_ours": first_ours, "first_loss_hf": first_hf,
         "ours_step_s": ours_s, "hf_step_s": hf_s, "ours_tokens_per_s": tokens / ours_s,
         "hf_tokens_per_s": tokens / hf_s, "ratio": hf_s / ours_s,
         "hf_model_flops_per_step": hf_flops, "ours_executed_flops_per_step": ours_flops,

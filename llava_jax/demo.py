@@ -140,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="extra --config.KEY=VALUE for stage 2 (repeatable)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished steps resume)")
     args = p.parse_args(argv)
+    from llava_jax import host_memory
+
+    host_memory.retain_freed_memory()  # XLA:CPU: reuse freed pages (before JAX's backend starts)
 
     from llava_jax.io import atomic_write_json, read_json
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax import host_memory
 from llava_jax.models.llava import Llava
 
 BUCKET = 32
@@ -204,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print {'text': ..., 'token_ids': [...]}")
     args = p.parse_args(argv)
+    host_memory.retain_freed_memory()  # XLA:CPU: reuse freed pages (before JAX's backend starts)
 
     loaded = load_model(args.model)
     if loaded.tokenizer is None:

@@ -32,8 +32,8 @@ import optax
 from flax import nnx
 
 from llava_jax import checkpoint as ckpt
+from llava_jax import host_memory, sharding
 from llava_jax import metrics as train_metrics
-from llava_jax import sharding
 from llava_jax.loss import IGNORE_INDEX, llava_loss
 from llava_jax.train_config import ConfigError, check_attention_impl, dtype_of
 
@@ -611,9 +611,10 @@ def main(argv: list[str]) -> None:
     from llava_jax.data.sources import DataFileError
 
     try:
+        host_memory.retain_freed_memory(cfg.host_memory)  # before anything initialises JAX's backend
         summary = train(cfg, workdir)
     except (TrainingDiverged, ConfigError, ckpt.CheckpointError, sharding.MeshConfigError,
-            SkipCeilingExceededError, DataFileError) as e:
+            SkipCeilingExceededError, DataFileError, host_memory.HostMemoryError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     info(f"done: {json.dumps(summary)}")

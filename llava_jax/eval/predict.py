@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from llava_jax import host_memory
 from llava_jax.eval.answers import EvalDataError, qid_key, read_answers, read_questions
 from llava_jax.io import atomic_write_jsonl
 
@@ -254,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
     add_predict_flags(parser)
     args = parser.parse_args(argv)
+    host_memory.retain_freed_memory()  # XLA:CPU: reuse freed pages (before JAX's backend starts)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         items = items_from_questions(args.questions, args.image_root, prompt_suffix=args.prompt_suffix,
