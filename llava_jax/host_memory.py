@@ -5,7 +5,7 @@ step ends. glibc serves a request that large from a worker thread with a fresh `
 `munmap` on free, so every step faults its whole working set back in page by page (296k minor faults per
 step on the bench, a quarter of a core spent in the kernel). `retain_freed_memory` sets glibc's allocator to
 one arena grown with brk, no mmap for large blocks and no trimming, so the second step reuses the first
-step's pages: 58k faults per step and 2.88 -> 2.55 s on the bench (BENCHMARKS.md).
+step's pages: 25k faults per step and 2.96 -> 2.69 s per bench train step (BENCHMARKS.md).
 
 The cost is that the process keeps its peak heap (as the accelerator runtimes' own caching allocators do)
 and that all threads share one malloc arena. On accelerator hosts the large buffers live in device memory,

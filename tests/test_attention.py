@@ -82,7 +82,7 @@ def test_probabilities_are_not_saved(capsys):
     print_saved_residuals(lambda q, k, v: jnp.sum(_reference(q, k, v, mask)), q, k, v)
     assert saved_ts_floats(capsys.readouterr().out)  # the plain path keeps them (the check can fail)
     for pieces in (1, 2):
-        print_saved_residuals(lambda q, k, v: jnp.sum(A.xla_attention(q, k, v, mask, pieces)), q, k, v)
+        print_saved_residuals(lambda q, k, v, n=pieces: jnp.sum(A.xla_attention(q, k, v, mask, n)), q, k, v)
         assert not saved_ts_floats(capsys.readouterr().out)
 
 

@@ -61,7 +61,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     of it, forward and backward. Residuals for the backward pass: q, k, v, the output and [B, N, T] row
     statistics; never a [T, S] matrix.
     """
-    b, t, n, h = q.shape
+    t = q.shape[1]
     if pieces > 1 and (t != k.shape[1] or t % pieces):
         raise ValueError(f"causal pieces need T == S divisible by pieces; got T={t}, S={k.shape[1]}, {pieces}")
     return _attention(q, k, v, mask, pieces)
@@ -123,8 +123,7 @@ def _attention_bwd(pieces, res, d_out):
     doh = d_out.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)
     row_dot = jnp.sum(doh.astype(jnp.float32) * oh.astype(jnp.float32), axis=-1, keepdims=True)
     dqs = []
-    dk = jnp.zeros(kh.shape, jnp.float32)
-    dv = jnp.zeros(vh.shape, jnp.float32)
+    dk = dv = jnp.zeros(kh.shape, jnp.float32)  # key / value gradients, summed over the pieces
     for lo, hi, kend in _spans(t, pieces):
         p = jnp.exp(_scores(qh, kh, mask, lo, hi, kend) - lse[:, :, :, lo:hi])
         do = doh[:, :, :, lo:hi]
