@@ -1,8 +1,9 @@
 """LLaMA decoder in Flax NNX, numerically equal to transformers' `LlamaForCausalLM`.
 
-RMSNorm, rotary embeddings (default, linear and `llama3` scaling), grouped-query attention (`attention.py`:
-XLA with a hand-written backward pass, cuDNN, or the Pallas TPU flash kernel), SwiGLU MLP, optional attention / MLP biases, optional tied embeddings, and a
-fixed-size KV cache for decoding. Decoder layers are stored stacked (leading axis 'layers') and scanned.
+RMSNorm, rotary embeddings (default, linear and `llama3` scaling), grouped-query attention (`attention.py`: XLA
+with a hand-written backward pass, cuDNN, or the Pallas TPU flash kernel), SwiGLU MLP, optional attention / MLP
+biases, optional tied embeddings, and a fixed-size KV cache for decoding. Decoder layers are stored stacked
+(leading axis 'layers') and scanned.
 """
 
 from __future__ import annotations
