@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from llava_jax.models.clip import CLIPVisionConfig  # noqa: E402
 from llava_jax.models.llama import LlamaConfig  # noqa: E402
-from llava_jax.models.llava import LlavaConfig, build_llava  # noqa: E402
+from llava_jax.models.llava import LlavaConfig, build_llava, set_scan_unroll  # noqa: E402
 
 
 def bench_config(vocab: int = 32000, width: int = 512, layers: int = 4, image: int = 224, patch: int = 14,
@@ -54,12 +54,8 @@ def build(config: LlavaConfig, seed: int = 0, **kw):
 
 
 def set_unroll(model, unroll: int) -> None:
-    """Sets how many scanned layers run per loop iteration on every stack (0: fully unrolled)."""
-    from flax import nnx
-
-    for _, m in nnx.iter_modules(model):
-        if hasattr(m, "scan_unroll"):
-            m.scan_unroll = True if unroll == 0 else unroll
+    """--unroll N: layers per scan iteration on every stack (0: fully unrolled)."""
+    set_scan_unroll(model, True if unroll == 0 else unroll)
 
 
 class Peer:

@@ -32,11 +32,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from llava_jax import checkpoint as ckpt  # noqa: E402
-from llava_jax import (  # noqa: E402
-    metrics,
-    sharding,
-    train_config,  # noqa: E402
-)
+from llava_jax import metrics, sharding, train_config  # noqa: E402
 from llava_jax import train as T  # noqa: E402
 
 
@@ -131,7 +127,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
 
     mcfg: a LlavaConfig replacing the config's `model.arch` preset; unroll_layers: unroll both layer
     stacks (so that XLA's cost analysis sees every layer)."""
-    from llava_jax.models.llava import Llava
+    from llava_jax.models.llava import Llava, set_scan_unroll
 
     train_config.check_attention_impl(cfg)
     mcfg = mcfg or arch_config(cfg.model.arch)
@@ -150,9 +146,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
 
     model, optimizer = nnx.eval_shape(build)
     if unroll_layers:
-        for _, module in nnx.iter_modules(model):
-            if hasattr(module, "scan_unroll"):
-                module.scan_unroll = True
+        set_scan_unroll(model, True)
     parts = T.split_parts(model, optimizer, trainable)
     batch_sh = T.batch_shardings_for(mesh, rules)
     step = T.make_step_fn(parts, accum=cfg.grad_accum_steps, batch_constraint=T.micro_batch_constraint(mesh, rules),

@@ -205,6 +205,14 @@ def build_llava(config: LlavaConfig, *, seed: int = 0, dtype=jnp.float32, param_
                  attention_impl=attention_impl, remat=remat)
 
 
+def set_scan_unroll(model: nnx.Module, unroll: int | bool) -> None:
+    """Sets how many layers each scanned layer stack (CLIP encoder, LLaMA decoder) runs per loop iteration:
+    an int, or True for fully unrolled (then XLA's cost analysis sees every layer)."""
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "scan_unroll"):
+            module.scan_unroll = unroll
+
+
 def feature_layers_arg(value: int | Sequence[int]) -> int | tuple[int, ...]:
     """Normalises a vision_feature_layer value (int, list or tuple)."""
     return int(value) if isinstance(value, int) else tuple(int(v) for v in value)
