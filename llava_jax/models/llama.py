@@ -9,7 +9,6 @@ biases, optional tied embeddings, and a fixed-size KV cache for decoding. Decode
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -233,7 +232,7 @@ class LlamaForCausalLM(nnx.Module):
         impl, act = self.attention_impl, L.activation(c.hidden_act)
         dtype = self.dtype
 
-        attention = A.attention_fn(impl)
+        attention = A.attention_fn(impl, causal=True)
 
         def attend_and_mlp(x, w, k_all, v_all, q):
             if cache is not None:  # k_all [B, K, H, S], v_all [B, K, S, H]: the cache's layouts
@@ -241,17 +240,8 @@ class LlamaForCausalLM(nnx.Module):
                     a = A.cached_attention(q, k_all, v_all, mask)
                 else:
                     a = attention(q, k_all.transpose(0, 3, 1, 2), v_all.transpose(0, 2, 1, 3), mask)
-            elif impl == "flash_tpu":
-                a = attention(q, k_all, v_all, mask, segment_ids=valid)
-            elif impl in A.XLA_ATTENTION:
-                # Skipping fully masked key blocks pays on CPU (3.16 -> 3.10 s/step on the bench); on TPU it raised
-                # XLA's estimated time per 7b layer (89.7 -> 98.3 ms), so other platforms attend in one piece.
-                # Fused kernels skip masked blocks themselves.
-                pieces = A.causal_pieces(t)
-                a = jax.lax.platform_dependent(q, k_all, v_all, mask, default=A.xla_attention,
-                                               cpu=functools.partial(A.xla_attention, pieces=pieces))
             else:
-                a = attention(q, k_all, v_all, mask)
+                a = attention(q, k_all, v_all, mask, segment_ids=valid)
             x = x + L.dense(a.reshape(b, t, nq * hd), w["o_kernel"], w.get("o_bias"))
             y = L.rms_norm(x, w["post_norm"], eps)
             g = L.dense(y, w["gate_kernel"], w.get("gate_bias"))
