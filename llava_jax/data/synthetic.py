@@ -1,6 +1,7 @@
 """The bundled synthetic dataset: procedural shape scenes with questions only the image can answer.
 
     python -m llava_jax.data.synthetic --out DIR [--num N] [--seed S] [--num-eval M] [--image-size PX] [--grid G]
+        [--noise SHARE [--noise-kinds KINDS]] [--num-val V]
 
 Each image is a G x G board (G = 2 by default, or 4) holding 1-3 objects, every one with its own shape
 (circle, square, triangle, cross), its own colour (red, green, blue, yellow, purple, orange), a size (large or
@@ -16,6 +17,14 @@ patches. Writes:
   DIR/meta.json                          counts, categories, chance level (mean of 1 / len(choices))
   DIR/coco/captions.json, instances.json COCO layout (5 captions per image; boxes [x, y, w, h] per object)
   DIR/cc_sbu_align/filter_cap.json       MiniGPT-4 layout with image/{id}.jpg (symlinks into images/)
+
+With --noise SHARE > 0, stage2.json is instead a noisy instruction set (llava_jax.data.noise): records range
+from terse to complete, and exactly round(SHARE x N) are bad -- contradicting answers, another scene's image,
+an answer cut mid-sentence, a generic non-answer, exact duplicates (--noise-kinds picks and weighs them, e.g.
+"contradiction=2,swap=1") -- and DIR/noise_labels.json says which and how; it is for reports only, no scorer
+reads it. With --num-val V, DIR/val.jsonl holds V validation questions in eval.jsonl's layout on images of
+their own (syn_val_*.jpg). Both come from rngs of their own, so --noise 0 (the default) and --num-val 0 leave
+every file byte for byte as without them.
 
 Answers are balanced so a model that ignores the image scores at chance; `score_answer` grades a reply.
 Everything is a function of the seed.
@@ -52,6 +61,7 @@ SIZES = ("large", "small")
 COUNT_WORDS = ("zero", "one", "two", "three")
 CATEGORIES = ("color", "shape", "count", "side", "size")
 
+NOISE_LABELS = "noise_labels.json"  # which stage-2 records are bad, and how; no scorer may read it
 _BACKGROUND = (244, 244, 240)
 GRID = 2  # the board is GRID x GRID cells (2 or 4)
 TURNS = 3  # question turns per stage-2 record (fewer when the scene has fewer that need the image)
@@ -212,7 +222,12 @@ def _size_q(objs: Sequence[Obj], rng: np.random.Generator) -> dict[str, Any] | N
     big, small = pairs[int(rng.integers(0, len(pairs)))]
     first, second = (big, small) if rng.random() < 0.5 else (small, big)
     return {"text": f"Which is larger, the {first.shape} or the {second.shape}?", "answer": big.shape,
-            "choices": [first.shape, second.shape], "reply": f"The larger one is the {big.shape}."}
+            "choices": [first.shape, second.shape], "reply": larger_reply(big.shape)}
+
+
+def larger_reply(shape: str) -> str:
+    """The size question's reply naming `shape` as the larger object."""
+    return f"The larger one is the {shape}."
 
 
 def questions(objs: Sequence[Obj], rng: np.random.Generator) -> dict[str, dict[str, Any]]:
@@ -284,11 +299,47 @@ def _conversation(pool: Sequence[dict[str, Any]], rng: np.random.Generator, turn
     return conv
 
 
+def _heldout(rng: np.random.Generator, count: int, prefix: str, img_dir: Path, image_size: int, quality: int,
+             grid: int) -> list[dict[str, Any]]:
+    """`count` single-question rows on new images named {prefix}{j:05d}.jpg, categories in turn (eval.jsonl's
+    layout: question_id, image, text, answer, choices, category, num_objects)."""
+    rows = []
+    for j in range(count):
+        category = CATEGORIES[j % len(CATEGORIES)]
+        n = None
+        if category == "size":
+            n = int(rng.integers(2, 4))
+        while True:  # the size question needs a large and a small object
+            objs = make_scene(rng, image_size, n, grid=grid)
+            qs = questions(objs, rng)
+            if category in qs:
+                break
+        name = f"{prefix}{j:05d}.jpg"
+        render(objs, image_size).save(img_dir / name, quality=quality)
+        q = qs[category]
+        rows.append({"question_id": j, "image": name, "text": q["text"], "answer": q["answer"],
+                     "choices": q["choices"], "category": category, "num_objects": len(objs)})
+    return rows
+
+
 def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: int = 500,
-             image_size: int = 32, quality: int = 95, grid: int = GRID) -> dict[str, Any]:
-    """Writes the dataset under `out` (see module docstring) and returns meta.json's content."""
-    if num < 1 or num_eval < 0:
-        raise ValueError("need num >= 1 and num_eval >= 0")
+             image_size: int = 32, quality: int = 95, grid: int = GRID, noise: float = 0.0,
+             noise_kinds: str | dict[str, float] | None = None, num_val: int = 0) -> dict[str, Any]:
+    """Writes the dataset under `out` (see module docstring) and returns meta.json's content.
+
+    With noise > 0, stage2.json is the noisy set of `llava_jax.data.noise` (that share of the `num` records bad,
+    of the kinds in `noise_kinds`) and noise_labels.json says which; with num_val > 0, val.jsonl holds that many
+    held-out questions on images of their own. Both are drawn with their own rngs, so everything else is the
+    same as without them.
+    """
+    if num < 1 or num_eval < 0 or num_val < 0:
+        raise ValueError("need num >= 1, num_eval >= 0 and num_val >= 0")
+    from llava_jax.data import noise as noise_mod  # noise builds on this module's scenes and replies
+
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"noise must be a share in [0, 1], got {noise}")
+    if noise > 0:
+        noise_mod.parse_kinds(noise_kinds)  # a bad mix fails before any file is written
     if grid not in (2, 4):
         raise ValueError(f"grid must be 2 or 4 cells per side, got {grid}")
     out = Path(out)
@@ -296,10 +347,12 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
     img_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     stage1, stage2, coco_images, coco_caps, coco_inst, cc_ann = [], [], [], [], [], []
+    scenes: list[list[Obj]] = []
     cat_ids = {s: i + 1 for i, s in enumerate(SHAPES)}
     for i in range(num):
         name = f"syn_{i:06d}.jpg"
         objs = make_scene(rng, image_size, grid=grid)
+        scenes.append(objs)
         render(objs, image_size).save(img_dir / name, quality=quality)
         rid = f"syn_{i:06d}"
         prompt = _CAPTION_PROMPTS[int(rng.integers(0, len(_CAPTION_PROMPTS)))]
@@ -319,27 +372,19 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
                               "area": float((x1 - x0) * (y1 - y0)), "iscrowd": 0,
                               "attributes": {"color": o.color, "size": o.size}})
         cc_ann.append({"image_id": rid, "caption": detailed_description(objs)})
-    eval_rows = []
-    eval_rng = np.random.default_rng([seed, 1])
-    for j in range(num_eval):
-        category = CATEGORIES[j % len(CATEGORIES)]
-        count = None
-        if category == "size":
-            count = int(eval_rng.integers(2, 4))
-        while True:  # the size question needs a large and a small object
-            objs = make_scene(eval_rng, image_size, count, grid=grid)
-            qs = questions(objs, eval_rng)
-            if category in qs:
-                break
-        name = f"syn_eval_{j:05d}.jpg"
-        render(objs, image_size).save(img_dir / name, quality=quality)
-        q = qs[category]
-        eval_rows.append({"question_id": j, "image": name, "text": q["text"], "answer": q["answer"],
-                          "choices": q["choices"], "category": category, "num_objects": len(objs)})
+    eval_rows = _heldout(np.random.default_rng([seed, 1]), num_eval, "syn_eval_", img_dir, image_size, quality, grid)
+    labels = None
+    if noise > 0:
+        stage2, labels = noise_mod.make_noisy(stage2, scenes, noise, noise_kinds, seed)
     chance = float(np.mean([1 / len(r["choices"]) for r in eval_rows])) if eval_rows else 0.0
     lio.atomic_write_json(out / "stage1.json", stage1, indent=None)
     lio.atomic_write_json(out / "stage2.json", stage2, indent=None)
     lio.atomic_write_jsonl(out / "eval.jsonl", eval_rows)
+    if num_val > 0:
+        val_rows = _heldout(np.random.default_rng([seed, 2]), num_val, "syn_val_", img_dir, image_size, quality, grid)
+        lio.atomic_write_jsonl(out / "val.jsonl", val_rows)
+    if labels is not None:
+        lio.atomic_write_json(out / NOISE_LABELS, labels, indent=None)
     categories = [{"id": cat_ids[s], "name": s, "supercategory": "shape"} for s in SHAPES]
     lio.atomic_write_json(out / "coco" / "captions.json",
                           {"images": coco_images, "annotations": coco_caps, "categories": categories}, indent=None)
@@ -370,6 +415,10 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
         "categories": list(CATEGORIES),
         "scoring": "llava_jax.data.synthetic.score_answer: the reply names the answer and no other choice",
     }
+    if noise > 0:  # keys only when asked for, so the clean set's meta.json stays as it was
+        meta["noise"] = {"share": noise, "labels": NOISE_LABELS, "counts": labels["counts"]}
+    if num_val > 0:
+        meta["num_val"] = num_val
     lio.atomic_write_json(out / "meta.json", meta)
     return meta
 
@@ -383,11 +432,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--grid", type=int, default=GRID, help="board cells per side (2 or 4)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="share of bad stage-2 records in [0, 1] (0: the clean set, byte for byte)")
+    p.add_argument("--noise-kinds", default="",
+                   help="kinds of bad records, e.g. contradiction,swap or contradiction=2,swap=1 "
+                        "(kinds: contradiction, swap, truncated, generic, duplicate; default: a mix of all)")
+    p.add_argument("--num-val", type=int, default=0, help="validation questions (val.jsonl, images of their own)")
+
+    def _error(message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    p.error = _error  # type: ignore[method-assign]
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    meta = generate(args.out, args.num, args.seed, args.num_eval, args.image_size, grid=args.grid)
+    try:
+        meta = generate(args.out, args.num, args.seed, args.num_eval, args.image_size, grid=args.grid,
+                        noise=args.noise, noise_kinds=args.noise_kinds or None, num_val=args.num_val)
+    except ValueError as e:
+        _error(str(e))
+    noisy = f", {meta['noise']['counts']['bad']} of {meta['stage2_records']} stage-2 records bad" if "noise" in meta else ""
     print(f"wrote {meta['num_train_images']} training images, {meta['num_eval']} eval questions "
-          f"(chance {meta['chance']:.3f}) to {args.out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+          f"(chance {meta['chance']:.3f}){noisy} to {args.out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 
 
