@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llava_jax.models import attention as A
+from llava_jax.models import frozen as F
 from llava_jax.models import layers as L
 
 
@@ -33,6 +34,9 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"
     projection_dim: int = 768
 
+    def __post_init__(self):
+        F.freeze_fields(self)  # hashable: configs are static arguments of jitted functions
+
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -45,7 +49,7 @@ class CLIPVisionConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The transformers CLIPVisionConfig dict."""
-        return {"model_type": "clip_vision_model", **dataclasses.asdict(self)}
+        return {"model_type": "clip_vision_model", **F.fields_as_json(self)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +69,16 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
     pad_token_id: int = 1
 
+    def __post_init__(self):
+        F.freeze_fields(self)  # hashable: configs are static arguments of jitted functions
+
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> CLIPTextConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
     def to_hf(self) -> dict[str, Any]:
-        return {"model_type": "clip_text_model", **dataclasses.asdict(self)}
+        return {"model_type": "clip_text_model", **F.fields_as_json(self)}
 
 
 class EncoderStack(nnx.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.models import attention as A
+from llava_jax.models import frozen as F
 from llava_jax.models import layers as L
 
 Cache = dict[str, jax.Array]
@@ -36,17 +38,18 @@ class LlamaConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None
+    rope_scaling: Mapping[str, Any] | None = None  # frozen (FrozenDict) when the config is built
     max_position_embeddings: int = 4096
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
+    eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        F.freeze_fields(self)  # dicts / lists -> FrozenDict / tuples: the config must be hashable
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -71,8 +74,8 @@ class LlamaConfig:
         return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:
-        """The transformers LlamaConfig dict (v4 style keys, which v5 also reads)."""
-        d = dataclasses.asdict(self)
+        """The transformers LlamaConfig dict (v4 style keys, which v5 also reads), with plain dicts and lists."""
+        d = F.fields_as_json(self)
         d["model_type"] = "llama"
         if d["rope_scaling"] is None:
             d.pop("rope_scaling")

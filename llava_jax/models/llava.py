@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llava_jax.models import frozen as F
 from llava_jax.models import layers as L
 from llava_jax.models.clip import CLIPVisionConfig, CLIPVisionModel
 from llava_jax.models.llama import Cache, LlamaConfig, LlamaForCausalLM
@@ -43,8 +44,7 @@ class LlavaConfig:
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise L.UnsupportedConfigError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}")
-        if isinstance(self.vision_feature_layer, list):
-            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        F.freeze_fields(self)  # a feature-layer list -> tuple: the config must be hashable
         n = self.vision.num_hidden_layers
         for layer in self.feature_layers:
             if not -(n + 1) <= layer <= n:
@@ -97,7 +97,7 @@ class LlavaConfig:
             "image_token_index": self.image_token_id,
             "image_seq_length": self.num_image_tokens,
             "projector_hidden_act": self.projector_hidden_act,
-            "vision_feature_layer": list(layer) if isinstance(layer, tuple) else layer,
+            "vision_feature_layer": F.thaw(layer),
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
             "multimodal_projector_bias": self.multimodal_projector_bias,
             "tie_word_embeddings": self.text.tie_word_embeddings,
