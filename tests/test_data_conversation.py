@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AddedToken, PreTrainedTokenizerFast
 
 from llava_jax.data import conversation as C
@@ -18,11 +18,13 @@ WORDS = (
 
 
 def word_tokenizer(chat_template=None):
-    """One token per whitespace-separated word, so expected ids and masks can be written by hand."""
+    """One token per whitespace-separated word (BOS added by the tokenizer, as LLaMA's does), so expected ids and
+    masks can be written by hand."""
     expected_words = [w for groups in EXPECTED.values() for text, _ in groups for w in text.split()]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + WORDS + expected_words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>")
     fast.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
@@ -61,8 +63,8 @@ EXPECTED = {
     ],
     ("vicuna_v0", True): [
         ("<s> Be brief.###Human: I I I what color is it?###Assistant:", False),
-        ("red.###", True),
-        ("Human: and the shape?###Assistant:", False),
+        ("red.###Human:", True),  # one word of the whole text: it overlaps the answer, so it is supervised
+        ("and the shape?###Assistant:", False),
         ("circle.###", True),
     ],
     ("llama3", True): [

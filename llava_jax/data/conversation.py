@@ -1,15 +1,33 @@
-"""Conversation templates and label masking, tokenized turn by turn.
+"""Conversation templates, tokenization and label masking — the same ids as LLaVA, by construction.
 
-A record's turns are rendered into an alternating list of segments: a prompt segment (system text, the user's
-message, the assistant's header; ignored in the loss) and an answer segment (the assistant's text plus the
-template's end separator; supervised). Each text segment is tokenized on its own with
-`add_special_tokens=False`, the image marker becomes exactly `num_image_tokens` copies of `image_token_id`, and
-BOS is added explicitly. Labels are therefore built from the same pieces as the ids: they cannot drift, and
-`encode_prompt` reproduces the training segmentation at inference, ending where the answer starts.
+Tokenization rule (what LLaVA's `preprocess` and `tokenizer_image_token`, its CLI and the HF processors do):
 
-Templates: `plain` (stage 1: image then caption), `vicuna_v0` ('###' separators), `vicuna_v1` (aliases
-`llava_v1`, `v1`: USER/ASSISTANT with `</s>` after answers), `llama3` (header tokens, `<|eot_id|>`), and
-`chat_template` (the tokenizer's own Jinja template, split per turn with a prefix-consistency check).
+1. Render the whole conversation as one string with the template: system text, every user turn, every
+   assistant header and answer (training), or everything up to and including the last assistant header
+   (inference). The image marker `<image>` sits where the template puts it ("<image>\\n" + question).
+2. Split the text at the image marker. Each piece is tokenized by ONE call of the tokenizer with its special
+   tokens (`tokenizer(piece)`), so BOS comes only as the tokenizer adds it; the BOS of every piece after the
+   first is dropped. Between two pieces go `num_image_tokens` copies of `image_token_id` (LLaVA inserts one
+   image index and expands it in the model; here it is expanded before batching so shapes are static). Text
+   after the marker therefore starts a fresh call, and everything else — later turns included — is tokenized
+   as one string. This is what makes the ids right for both SentencePiece `legacy` modes: with
+   `legacy: true` text after a special token gets the word-boundary marker (`</s>USER` -> `</s>`, `▁USER`),
+   with `legacy: false` it does not (`</s>`, `USER`); tokenizing turn by turn gets the second case wrong.
+   When the rendered text already starts with the BOS text (chat templates often write it), the pieces are
+   tokenized without special tokens, as transformers' processors do.
+3. Labels come from character spans: the fast tokenizer's offset mapping places every token in the text; a
+   token is supervised when its span overlaps an answer span (the answer plus its end separator, e.g.
+   " {answer}</s>" for v1, "{caption}\\n" for plain). BOS, system text, user turns, assistant headers and
+   image positions hold IGNORE_INDEX. Labels are read off the same ids, so a "tokenization mismatch" cannot
+   happen, and no sample is dropped quietly: every problem is a named ConversationError subclass.
+4. `encode_prompt` applies the same rule to the text that ends at the last assistant header, so for the same
+   turns the inference prompt is a prefix of the training ids (the answer's first token starts a new word).
+
+Templates (`get_template`): `plain` (stage 1, LLaVA's `preprocess_plain`: "<image>" + caption + "\\n", the
+caption and its newline supervised), `vicuna_v0` ('###' separators), `vicuna_v1` (aliases `llava_v1`, `v1`:
+"SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: ..."), `llama3` (header tokens, `<|eot_id|>`) and
+`chat_template` (the tokenizer's own Jinja template; each turn must render as a prefix of the next so the
+answer spans can be found).
 """
 
 from __future__ import annotations
@@ -98,6 +116,12 @@ class ChatTemplateSplitError(ConversationError):
     reason = "chat_template_unsplittable"
 
 
+class TokenizerOffsetsError(ConversationError):
+    """The tokenizer cannot report character offsets (a slow, Python-only tokenizer): labels need them."""
+
+    reason = "tokenizer_without_offsets"
+
+
 # ------------------------------------------------------------------------------------------------ templates
 
 
@@ -109,6 +133,7 @@ class Template:
     each user message and ends with the assistant's header (ignored in the loss); answer_format wraps each
     answer and holds the end separator (supervised). `{content}` is the message, `{system}` the system text.
     `image_only_prompt` (plain) replaces the user's text by the image alone. `stop_strings` end generation.
+    `add_bos`: tokenize with the tokenizer's special tokens (its BOS), as LLaVA's `tokenizer(text)` calls do.
     `use_tokenizer_template` renders with the tokenizer's own chat template instead of the formats.
     """
 
@@ -271,55 +296,16 @@ def normalize_turns(
     return Turns(system=system, pairs=pairs, has_image=has_image)
 
 
-# ------------------------------------------------------------------------------------------------ tokenizing
-
-_PREFIX_SPACE_CACHE: dict[int, tuple[Any, bool]] = {}
+# ------------------------------------------------------------------------------------------------ rendering
 
 
-def _adds_prefix_space(tokenizer) -> bool:
-    """True when the tokenizer prepends a word-boundary marker to every encode call (SentencePiece style)."""
-    hit = _PREFIX_SPACE_CACHE.get(id(tokenizer))
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1]
-    ids = tokenizer.encode("x", add_special_tokens=False)
-    first = tokenizer.convert_ids_to_tokens(ids[:1])[0] if ids else ""
-    result = first.startswith("▁") or first.startswith(" ")
-    _PREFIX_SPACE_CACHE[id(tokenizer)] = (tokenizer, result)
-    return result
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """A conversation rendered as one string; `answer_spans` are the [start, end) character ranges that are
+    supervised (each answer with its end separator), in order."""
 
-
-def _strip_boundary_space(tokenizer, text: str) -> str:
-    if text.startswith(" ") and _adds_prefix_space(tokenizer):
-        return text[1:]  # the tokenizer's own word-boundary marker stands for this space
-    return text
-
-
-def _tokenize_many(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added (one call into the Rust tokenizer when available)."""
-    texts = [_strip_boundary_space(tokenizer, t) for t in texts]
-    out: list[list[int]] = [[] for _ in texts]
-    todo = [i for i, t in enumerate(texts) if t]
-    if not todo:
-        return out
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        encodings = backend.encode_batch([texts[i] for i in todo], add_special_tokens=False)
-        for i, enc in zip(todo, encodings, strict=True):
-            out[i] = list(enc.ids)
-    else:
-        for i in todo:
-            out[i] = list(tokenizer.encode(texts[i], add_special_tokens=False))
-    return out
-
-
-def _split_image(text: str) -> tuple[str, str | None]:
-    """(text before the image marker, text after it) or (text, None) without a marker."""
-    if IMAGE_MARK not in text:
-        return text, None
-    before, after = text.split(IMAGE_MARK, 1)
-    if IMAGE_MARK in after:
-        raise MultipleImageMarksError("more than one '<image>' in a prompt")
-    return before, after
+    text: str
+    answer_spans: tuple[tuple[int, int], ...]
 
 
 def _format_segments(turns: Turns, template: Template) -> list[tuple[str, bool]]:
@@ -341,7 +327,11 @@ def _format_segments(turns: Turns, template: Template) -> list[tuple[str, bool]]
 
 
 def _chat_template_segments(turns: Turns, tokenizer) -> list[tuple[str, bool]]:
-    """(text, supervised) segments rendered by the tokenizer's chat template, checked for prefix consistency."""
+    """(text, supervised) segments rendered by the tokenizer's chat template, checked for prefix consistency.
+
+    Joined, the segments are exactly `apply_chat_template(messages, tokenize=False)` of the whole conversation
+    (with `add_generation_prompt=True` when it ends with a user turn); the splits only locate the answers.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateSplitError("template 'chat_template' needs a tokenizer with a chat_template")
     messages: list[dict[str, str]] = []
@@ -379,6 +369,123 @@ def _chat_template_segments(turns: Turns, tokenizer) -> list[tuple[str, bool]]:
     return segments
 
 
+def render(turns: Turns, template: Template | str, tokenizer=None) -> Rendered:
+    """The whole conversation as one string plus the character spans of its supervised answers.
+
+    A conversation that ends with an unanswered user turn renders up to and including the assistant's header
+    (the inference prompt). `tokenizer` is needed only by the `chat_template` template.
+    """
+    template = get_template(template)
+    if template.use_tokenizer_template:
+        segments = _chat_template_segments(turns, tokenizer)
+    else:
+        segments = _format_segments(turns, template)
+    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for text, supervised in segments:
+        if supervised and text:
+            spans.append((pos, pos + len(text)))
+        pieces.append(text)
+        pos += len(text)
+    return Rendered("".join(pieces), tuple(spans))
+
+
+# ------------------------------------------------------------------------------------------------ tokenizing
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+    """Token ids [T] of a text, each token's [start, end) character span in it [T, 2], which positions are
+    image tokens [T] bool, and which are special tokens the tokenizer added itself (BOS) [T] bool."""
+
+    ids: list[int]
+    offsets: np.ndarray
+    is_image: np.ndarray
+    is_added: np.ndarray
+
+
+def tokenize_with_image(
+    text: str, tokenizer, num_image_tokens: int, image_token_id: int, *, add_special_tokens: bool = True
+) -> Tokenized:
+    """LLaVA's `tokenizer_image_token` with the image expanded, plus character offsets.
+
+    The text is split at every `<image>`; each piece is tokenized in one call (`add_special_tokens` as given);
+    when the first piece starts with BOS, the first token (the BOS) of every later piece is dropped; the
+    pieces are joined by `num_image_tokens` copies of `image_token_id`. Returns ids [T], offsets [T, 2] into
+    `text`, the image mask [T] and the added-special-token mask [T]. Raises TokenizerOffsetsError for
+    tokenizers without offset mappings.
+    """
+    pieces = text.split(IMAGE_MARK)
+    try:
+        enc = tokenizer(pieces, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                        return_special_tokens_mask=True)
+    except NotImplementedError as e:
+        raise TokenizerOffsetsError(
+            f"{type(tokenizer).__name__} gives no offset mapping; use a fast (tokenizers-backed) tokenizer"
+        ) from e
+    bos = tokenizer.bos_token_id
+    first = enc["input_ids"][0]
+    drop_bos = add_special_tokens and bos is not None and bool(first) and first[0] == bos
+    n = int(num_image_tokens)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    is_image: list[bool] = []
+    is_added: list[int] = []
+    pos = 0
+    for k, piece in enumerate(pieces):
+        p_ids, p_offsets, p_added = enc["input_ids"][k], enc["offset_mapping"][k], enc["special_tokens_mask"][k]
+        if k > 0:
+            ids.extend([int(image_token_id)] * n)
+            offsets.extend([(pos - len(IMAGE_MARK), pos)] * n)
+            is_image.extend([True] * n)
+            is_added.extend([0] * n)
+            if drop_bos:  # as tokenizer_image_token: x[offset:] for every piece after the first
+                p_ids, p_offsets, p_added = p_ids[1:], p_offsets[1:], p_added[1:]
+        ids.extend(int(t) for t in p_ids)
+        offsets.extend((pos + int(a), pos + int(b)) for a, b in p_offsets)
+        is_image.extend([False] * len(p_ids))
+        is_added.extend(p_added)
+        pos += len(piece) + len(IMAGE_MARK)
+    return Tokenized(ids, np.asarray(offsets, np.int64).reshape(-1, 2), np.asarray(is_image, bool),
+                     np.asarray(is_added, bool))
+
+
+def _uses_special_tokens(text: str, template: Template, tokenizer) -> bool:
+    """Whether the tokenizer adds its special tokens: as the template says, unless the text already opens
+    with the BOS text (then adding BOS would double it; transformers' processors decide the same way)."""
+    bos_text = getattr(tokenizer, "bos_token", None)
+    return template.add_bos and not (bos_text and text.startswith(str(bos_text)))
+
+
+def _check_image_marks(text: str, has_image: bool) -> None:
+    count = text.count(IMAGE_MARK)
+    if has_image and count == 0:
+        raise MissingImageMarkError("the rendered conversation lost its '<image>' marker")
+    if has_image and count > 1:
+        raise MultipleImageMarksError(f"the rendered conversation has {count} '<image>' markers; one is supported")
+    if not has_image and count:
+        raise ImageMarkWithoutImageError("the rendered conversation has an '<image>' marker but no image")
+
+
+def _tokenize_rendered(rendered: Rendered, template: Template, tokenizer, num_image_tokens: int,
+                       image_token_id: int, has_image: bool) -> tuple[Tokenized, np.ndarray]:
+    """Tokenized text and its supervised mask [T] bool: tokens whose character span overlaps an answer span
+    (a token with an empty span counts as the character it stands at), never images or added BOS/EOS."""
+    _check_image_marks(rendered.text, has_image)
+    tokens = tokenize_with_image(
+        rendered.text, tokenizer, num_image_tokens, image_token_id,
+        add_special_tokens=_uses_special_tokens(rendered.text, template, tokenizer),
+    )
+    starts = tokens.offsets[:, 0]
+    ends = np.maximum(tokens.offsets[:, 1], starts + 1)
+    supervised = np.zeros(len(tokens.ids), bool)
+    for a, b in rendered.answer_spans:
+        supervised |= (starts < b) & (ends > a)
+    supervised &= ~tokens.is_image & ~tokens.is_added
+    return tokens, supervised
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoded:
     """A tokenized sample: input_ids [T] int32, labels [T] int32 (IGNORE_INDEX where not supervised)."""
@@ -412,44 +519,6 @@ def _as_turns(record_or_turns: Any, has_image: bool | None, allow_open_end: bool
     return normalize_turns(conversations, bool(has_image), allow_open_end=allow_open_end)
 
 
-def _segments_to_ids(
-    segments: list[tuple[str, bool]], template: Template, tokenizer, image_ids: list[int]
-) -> tuple[list[int], list[int], int | None]:
-    """(input_ids, labels, index of the first supervised token or None)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    bos = tokenizer.bos_token_id
-    starts_with_bos_text = bool(segments) and tokenizer.bos_token and segments[0][0].startswith(tokenizer.bos_token)
-    if template.add_bos and bos is not None and not starts_with_bos_text:
-        ids.append(bos)
-        labels.append(IGNORE_INDEX)
-    pieces: list[str] = []
-    layout: list[tuple[int, int | None, bool]] = []  # (piece index before image, piece after or None, supervised)
-    for text, supervised in segments:
-        before, after = _split_image(text)
-        pieces.append(before)
-        if after is not None:
-            pieces.append(after)
-            layout.append((len(pieces) - 2, len(pieces) - 1, supervised))
-        else:
-            layout.append((len(pieces) - 1, None, supervised))
-    tokens = _tokenize_many(tokenizer, pieces)
-    first_answer = None
-    for before, after, supervised in layout:
-        piece = tokens[before] if after is None else tokens[before] + list(image_ids) + tokens[after]
-        if supervised and piece and first_answer is None:
-            first_answer = len(ids)
-        ids.extend(piece)
-        labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
-    return ids, labels, first_answer
-
-
-def _render(turns: Turns, template: Template, tokenizer) -> list[tuple[str, bool]]:
-    if template.use_tokenizer_template:
-        return _chat_template_segments(turns, tokenizer)
-    return _format_segments(turns, template)
-
-
 def encode(
     record_or_turns: Any,
     template: Template | str,
@@ -460,7 +529,7 @@ def encode(
     *,
     has_image: bool | None = None,
 ) -> Encoded:
-    """Tokenizes a LLaVA record (or its `conversations` list) for training.
+    """Tokenizes a LLaVA record (or its `conversations` list) for training, by the rule in the module docstring.
 
     Returns input_ids [T] and labels [T] (int32, T <= max_length): only answer tokens and their end separators
     are supervised; BOS, system text, user turns, assistant headers and image positions hold IGNORE_INDEX.
@@ -470,24 +539,26 @@ def encode(
     """
     template = get_template(template)
     turns = _as_turns(record_or_turns, has_image, allow_open_end=False)
-    segments = _render(turns, template, tokenizer)
-    image_ids = [int(image_token_id)] * int(num_image_tokens) if turns.has_image else []
-    ids, labels, first_answer = _segments_to_ids(segments, template, tokenizer, image_ids)
-    if first_answer is None:
+    rendered = render(turns, template, tokenizer)
+    tokens, supervised = _tokenize_rendered(rendered, template, tokenizer, num_image_tokens, image_token_id,
+                                            turns.has_image)
+    ids = np.asarray(tokens.ids, np.int32)
+    labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
+    if not supervised.any():
         raise EmptyAnswerError("no supervised tokens after tokenization")
+    first_answer = int(np.argmax(supervised))
     truncated = False
     if max_length is not None and len(ids) > max_length:
         if first_answer >= max_length:
             raise AnswerTruncatedError(
                 f"first answer starts at token {first_answer}, beyond max_length {max_length} "
-                f"(prompt incl. {len(image_ids)} image tokens is too long)"
+                f"(prompt incl. {int(tokens.is_image.sum())} image tokens is too long)"
             )
-        if image_ids:
-            start = ids.index(int(image_token_id))
-            if start < max_length < start + len(image_ids):
-                raise AnswerTruncatedError("max_length would cut inside the image tokens")
+        image_at = np.flatnonzero(tokens.is_image)
+        if image_at.size and image_at[0] < max_length <= image_at[-1]:
+            raise AnswerTruncatedError("max_length would cut inside the image tokens")
         ids, labels, truncated = ids[:max_length], labels[:max_length], True
-    return Encoded(np.asarray(ids, np.int32), np.asarray(labels, np.int32), truncated)
+    return Encoded(ids, labels, truncated)
 
 
 def encode_prompt(
@@ -499,23 +570,23 @@ def encode_prompt(
     *,
     has_image: bool | None = None,
 ) -> list[int]:
-    """Token ids of a conversation whose last turn is the user's, ending where the assistant's answer starts.
+    """Token ids [T] of a conversation whose last turn is the user's, ending where the assistant's answer starts.
 
-    Uses exactly the segmentation of `encode`, so a model sees at inference what it saw in training. `turns`
-    is a LLaVA `conversations` list, a record, or a single user message string.
+    The same rule as `encode` applied to the text that ends at the assistant's header, so for the same turns
+    these ids are a prefix of the training ids. `turns` is a LLaVA `conversations` list, a record, or a single
+    user message string.
     """
     template = get_template(template)
     norm = _as_turns(turns, has_image, allow_open_end=True)
     if norm.pairs[-1][1] is not None:
         raise RoleOrderError("encode_prompt needs a conversation that ends with a user turn")
-    segments = _render(norm, template, tokenizer)
-    image_ids = [int(image_token_id)] * int(num_image_tokens) if norm.has_image else []
-    ids, _, _ = _segments_to_ids(segments, template, tokenizer, image_ids)
-    return ids
+    rendered = render(norm, template, tokenizer)
+    tokens, _ = _tokenize_rendered(rendered, template, tokenizer, num_image_tokens, image_token_id, norm.has_image)
+    return tokens.ids
 
 
 def supervised_spans(labels: np.ndarray | Sequence[int]) -> list[tuple[int, int]]:
-    """[start, end) index ranges of consecutive supervised label positions."""
+    """[start, end) index ranges of consecutive supervised label positions in labels [T]."""
     spans, start = [], None
     for i, x in enumerate(list(labels) + [IGNORE_INDEX]):
         if x != IGNORE_INDEX and start is None:
