@@ -21,7 +21,7 @@ Then exactly round(noise x N) records are made bad, split over the chosen kinds 
   swap           the record is paired with another scene's image (one where some of its answers are false)
   truncated      the last answer is cut mid-sentence (a strict prefix, not ending at a sentence end)
   generic        every answer is a generic non-answer ("It is a picture."-style)
-  duplicate      an exact copy (image and conversation) of another, good record, under its own id
+  duplicate      an exact copy (image and conversation) of an earlier good record, under its own id
 
 The labels (`{"noise", "mix", "seed", "records": {id: {"bad", "kind", "detail", "informativeness", ...}},
 "counts": {...}}`) go to a separate file that no scorer reads. For a bad record, "detail" and
@@ -171,23 +171,23 @@ def contradicting_reply(question: str, objs: Sequence[syn.Obj], rng: np.random.G
     """A fluent reply to `question` stating another valid value than the scene's: another colour or shape, the
     other side, another count, or the smaller object as the larger; None if the question is not a synthetic one
     the scene answers."""
-    if true_reply(question, objs) is None:
+    parsed = parse_question(question)
+    if parsed is None or true_reply(question, objs) is None:
         return None
-    category, args = parse_question(question)  # type: ignore[misc]
+    category, args = parsed
     if category == "count":
-        return syn._count_q(syn.COUNT_WORDS.index(_other(syn.COUNT_WORDS[1:], syn.COUNT_WORDS[len(objs)], rng)))[
-            "reply"]
+        wrong = _other(syn.COUNT_WORDS[1:], syn.COUNT_WORDS[len(objs)], rng)
+        return syn._count_q(syn.COUNT_WORDS.index(wrong))["reply"]
     if category == "size":
-        a, b = _find(objs, shape=args[0]), _find(objs, shape=args[1])
-        return syn.larger_reply(b.shape if a.size == "large" else a.shape)  # type: ignore[union-attr]
+        first = _find(objs, shape=args[0])
+        return syn.larger_reply(args[1] if first is not None and first.size == "large" else args[0])
+    o = _find(objs, color=args[0]) if category == "shape" else _find(objs, shape=args[0])
+    assert o is not None  # true_reply found it
     if category == "color":
-        o = _find(objs, shape=args[0])
         return syn._color_q(dataclasses.replace(o, color=_other(list(syn.COLORS), o.color, rng)))["reply"]
     if category == "shape":
-        o = _find(objs, color=args[0])
         return syn._shape_q(dataclasses.replace(o, shape=_other(syn.SHAPES, o.shape, rng)))["reply"]
-    o = _find(objs, shape=args[0])
-    return syn._side_q(dataclasses.replace(o, column=o.grid - 1 - o.column))["reply"]  # type: ignore[union-attr]
+    return syn._side_q(dataclasses.replace(o, column=o.grid - 1 - o.column))["reply"]
 
 
 def _facts_of(question: str, objs: Sequence[syn.Obj]) -> set[str]:
@@ -293,7 +293,7 @@ def _contradict(record: dict[str, Any], objs: Sequence[syn.Obj], rng: np.random.
     """Wrong answers in at least one question turn (each further one with probability 1/2); a description
     turn, if any, rewritten for a scene with one attribute changed. -> (record, changed gpt-turn indices)."""
     conv = copy.deepcopy(record["conversations"])
-    answerable = [i for i in range(1, len(conv), 2) if contradicting_reply(conv[i - 1]["value"], objs, rng)]
+    answerable = [i for i in range(1, len(conv), 2) if true_reply(conv[i - 1]["value"], objs) is not None]
     first = answerable[int(rng.integers(0, len(answerable)))]
     changed = [i for i in answerable if i == first or rng.random() < 0.5]
     for i in changed:
@@ -373,6 +373,12 @@ def make_noisy(records: Sequence[dict[str, Any]], scenes: Sequence[Sequence[syn.
     kind_of = rng.permutation([k for k in mix for _ in range(counts[k])])
     assigned = dict(zip(bad.tolist(), kind_of.tolist(), strict=True))
     good = [i for i in range(n) if i not in assigned]
+    first_good = good[0] if good else n
+    for i in sorted(assigned):  # a duplicate follows its original, as in real sets (keep-first dedup keeps it)
+        if assigned[i] == "duplicate" and i < first_good:
+            later = [k for k in sorted(assigned) if k > first_good and assigned[k] != "duplicate"]
+            if later:
+                assigned[i], assigned[later[0]] = assigned[later[0]], assigned[i]
     for i in sorted(assigned):  # duplicates last: they copy a good record's final form
         kind = assigned[i]
         lab = labels[ids[i]]
@@ -395,7 +401,8 @@ def make_noisy(records: Sequence[dict[str, Any]], scenes: Sequence[Sequence[syn.
             out[i] = {**out[i], "conversations": conv}
     for i in sorted(assigned):
         if assigned[i] == "duplicate":
-            j = good[int(rng.integers(0, len(good)))]
+            before = [g for g in good if g < i] or good
+            j = before[int(rng.integers(0, len(before)))]
             out[i] = {**copy.deepcopy(out[j]), "id": ids[i]}
             labels[ids[i]]["of"] = ids[j]
     summary = {"records": n, "good": n - n_bad, "bad": n_bad, **{k: counts.get(k, 0) for k in KINDS},
