@@ -1,8 +1,11 @@
-"""python -m llava_jax.convert {from-hf, compose, to-hf}
+"""python -m llava_jax.convert {from-hf, from-llava, compose, to-hf}
 
   python -m llava_jax.convert from-hf HF_LLAVA_DIR OUT_DIR
+  python -m llava_jax.convert from-llava LLAVA_DIR --vision CLIP_DIR OUT_DIR   (PyTorch LLaVA repo checkpoint)
   python -m llava_jax.convert compose --vision CLIP_DIR --text LLAMA_DIR --projector mlp2x_gelu OUT_DIR
+      [--projector-weights mm_projector.bin]   (a stage-1 projector of the PyTorch LLaVA repo)
   python -m llava_jax.convert to-hf MODEL_OR_WORKDIR OUT_HF_DIR [--dtype bfloat16]
+  python -m llava_jax.convert clip-to-hf CLIP_WORKDIR_OR_DIR OUT_HF_DIR [--dtype float32]
 """
 
 from __future__ import annotations
@@ -27,10 +30,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument("--image-aspect", choices=("pad", "crop"), default="crop",
                    help="crop = what transformers' processor does; pad = LLaVA-1.5's own training preprocessing")
     a.add_argument("--template", default=None, help="conversation template to record (default: tokenizer's)")
+    r = sub.add_parser("from-llava", help="PyTorch LLaVA repo checkpoint (LlavaLlamaForCausalLM) + CLIP dir -> "
+                                          "llava_jax model dir")
+    r.add_argument("llava_dir")
+    r.add_argument("--vision", default=None,
+                   help="CLIP directory of the vision tower (default: the config's mm_vision_tower if local)")
+    r.add_argument("--pad-vocab-to", type=int, default=64, help="pad the vocabulary to a multiple (0: no)")
+    r.add_argument("--template", default="vicuna_v1", help="conversation template (LLaVA-1.5: vicuna_v1)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("out_dir")
     c = sub.add_parser("compose", help="CLIP dir + LLaMA dir -> stage-1 starting model dir")
     c.add_argument("--vision", required=True)
     c.add_argument("--text", required=True)
-    c.add_argument("--projector", choices=("linear", "mlp2x_gelu"), default="mlp2x_gelu")
+    c.add_argument("--projector", choices=("linear", "mlp2x_gelu"), default=None,
+                   help="default: mlp2x_gelu, or the kind stored in --projector-weights")
+    c.add_argument("--projector-weights", default=None,
+                   help="stage-1 mm_projector.bin / .safetensors (LLaVA's --pretrain_mm_mlp_adapter)")
     c.add_argument("--vision-feature-layer", type=_layers, default=-2)
     c.add_argument("--vision-feature-select-strategy", choices=("default", "full"), default="default")
     c.add_argument("--image-aspect", choices=("pad", "crop"), default="pad")
@@ -43,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("out_dir")
     t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     t.add_argument("--max-shard-gb", type=float, default=2.0)
+    k = sub.add_parser("clip-to-hf", help="llava_jax.clip_train workdir (or HF CLIP dir) -> HF CLIPModel dir")
+    k.add_argument("model")
+    k.add_argument("out_dir")
+    k.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     args = p.parse_args(argv)
 
     from llava_jax.convert.model_dir import load_hf_llava, load_model, save_model_dir
@@ -52,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_model_dir(args.out_dir, loaded.model, loaded.config, loaded.tokenizer, loaded.image_config,
                        template=args.template or loaded.template, source_dtype=loaded.source_dtype)
         print(f"wrote {args.out_dir}")
+    elif args.command == "clip-to-hf":
+        from llava_jax.convert.clip_export import clip_to_hf
+
+        clip_to_hf(args.model, args.out_dir, dtype=args.dtype)
+        print(f"wrote {args.out_dir}")
     elif args.command == "compose":
         from llava_jax.convert.compose import compose
 
@@ -59,7 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vision_feature_layer=args.vision_feature_layer,
                 vision_feature_select_strategy=args.vision_feature_select_strategy,
                 image_aspect=args.image_aspect, pad_to_multiple_of=args.pad_vocab_to, template=args.template,
-                seed=args.seed)
+                seed=args.seed, projector_weights=args.projector_weights)
+        print(f"wrote {args.out_dir}")
+    elif args.command == "from-llava":
+        from llava_jax.convert.llava_repo import convert_llava_repo
+
+        convert_llava_repo(args.llava_dir, args.out_dir, args.vision, pad_to_multiple_of=args.pad_vocab_to,
+                           template=args.template, seed=args.seed)
         print(f"wrote {args.out_dir}")
     else:
         from llava_jax.convert.export import export_hf

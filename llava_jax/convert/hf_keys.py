@@ -122,6 +122,17 @@ def projector_rules(hf: str = "multi_modal_projector.", ours: str = "projector."
             Rule(hf + "linear_2.bias", ours + "linear_2_bias")]
 
 
+def llava_repo_projector_rules(kind: str, hf: str = "model.mm_projector.", ours: str = "projector.") -> list[Rule]:
+    """Rules of the PyTorch LLaVA repo's `mm_projector`: an `nn.Linear` ('linear': `{hf}weight`) or an
+    `nn.Sequential(Linear, GELU, Linear)` ('mlp2x_gelu': `{hf}0.*`, `{hf}2.*`)."""
+    if kind == "linear":
+        return [Rule(hf + "weight", ours + "linear_1_kernel", "linear"), Rule(hf + "bias", ours + "linear_1_bias")]
+    if kind == "mlp2x_gelu":
+        return [Rule(hf + "0.weight", ours + "linear_1_kernel", "linear"), Rule(hf + "0.bias", ours + "linear_1_bias"),
+                Rule(hf + "2.weight", ours + "linear_2_kernel", "linear"), Rule(hf + "2.bias", ours + "linear_2_bias")]
+    raise CheckpointFormatError(f"no key table for projector {kind!r}")
+
+
 def llava_rules() -> list[Rule]:
     """Rules of a transformers `LlavaForConditionalGeneration` checkpoint in the classic on-disk layout."""
     return [*clip_vision_rules("vision_tower.vision_model.", "vision_tower."), *projector_rules(),

@@ -132,8 +132,13 @@ def _rngs():
 
 
 def is_hf_llava_dir(path: str | os.PathLike) -> bool:
+    """A transformers LLaVA dir (model_type 'llava'; the PyTorch LLaVA repo's flat `mm_*` configs, which older
+    releases also label 'llava', are not one)."""
     p = Path(path) / "config.json"
-    return p.exists() and read_json(p).get("model_type") == "llava"
+    if not p.exists():
+        return False
+    d = read_json(p)
+    return d.get("model_type") == "llava" and "mm_vision_tower" not in d
 
 
 def llava_params_from_hf(tensors: dict[str, np.ndarray], config: LlavaConfig, param_dtype=np.float32
@@ -181,6 +186,10 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float
 
     if checkpoint.is_workdir(d):
         return checkpoint.load_trained_model(d, dtype=dtype, param_dtype=param_dtype)
+    if (d / "config.json").is_file() and "mm_vision_tower" in read_json(d / "config.json"):
+        raise CheckpointFormatError(
+            f"{d} is a PyTorch LLaVA repo checkpoint; convert it first: "
+            f"python -m llava_jax.convert from-llava {d} --vision CLIP_DIR OUT_DIR")
     raise CheckpointFormatError(
         f"{d} is neither a llava_jax model dir ({MARKER}), an HF LLaVA dir (config.json with model_type "
         "'llava') nor a training workdir (run.json)")
