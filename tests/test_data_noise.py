@@ -240,7 +240,8 @@ def test_cli_noise_and_one_line_errors(tmp_path):
     labels = lio.read_json(tmp_path / "s" / synthetic.NOISE_LABELS)
     assert labels["counts"]["swap"] == labels["counts"]["generic"] == 5
     assert len(lio.read_jsonl(tmp_path / "s" / "val.jsonl")) == 5
-    for extra in (["--noise", "2"], ["--noise-kinds", "blur"], ["--noise", "x"], ["--num-val", "-1"]):
+    for extra in (["--noise", "2"], ["--noise-kinds", "blur"], ["--noise", "x"], ["--num-val", "-1"],
+                  ["--noise", "0", "--noise-kinds", "swap=x"]):
         bad = subprocess.run([*cmd, "--noise", "0.2", *extra], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
 

@@ -338,7 +338,7 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
 
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be a share in [0, 1], got {noise}")
-    if noise > 0:
+    if noise_kinds:
         noise_mod.parse_kinds(noise_kinds)  # a bad mix fails before any file is written
     if grid not in (2, 4):
         raise ValueError(f"grid must be 2 or 4 cells per side, got {grid}")
