@@ -9,28 +9,50 @@ import pytest
 from llava_jax.eval import scienceqa
 from llava_jax.eval.answers import EvalDataError
 
+# (reply, official letter per LLaVA's eval_science_qa.py, lenient letter). Official letters derived by hand from
+# its rules: equals A-E; else len >= 3 and "X. " prefix (X in A-E); else exactly one `The answer is ([A-Z]).`
+# (case-sensitive, `.` = any character but a newline); else FAILED (None). No stripping.
+REPLIES = [
+    ("B", "B", "B"),
+    ("B.", None, "B"),  # 2 characters: no "X. " prefix, no regex match
+    (" B", None, "B"),  # not stripped
+    ("B\n", None, "B"),
+    ("B. because it floats", "B", "B"),
+    ("A. ", "A", "A"),  # exactly 3 characters
+    ("B.\nIt floats.", None, "B"),  # "B.\n" is not "B. "
+    ("The answer is B.", "B", "B"),
+    ("Wood floats. The answer is B", None, "B"),  # nothing follows the letter
+    ("The answer is B\nbecause wood floats.", None, "B"),  # `.` does not match the newline
+    ("The answer is (B).", None, "B"),
+    ("The answer is BC", "B", None),  # any character may follow; lenient refuses a following letter
+    ("The answer is A. No wait, The answer is B.", None, None),  # two matches
+    ("The answer is B. The answer is B.", None, None),  # two matches, same letter
+    ("the answer is B.", None, None),  # lowercase "the"
+    ("The answer is b.", None, None),
+    ("b", None, None),
+    ("F", None, "F"),  # official options are A-E only
+    ("The answer is G.", "G", "G"),  # a letter beyond the options still parses (and is then wrong)
+    ("AB", None, None),
+    ("", None, None),
+    ("I think it is B", None, None),
+]
 
-@pytest.mark.parametrize(
-    "reply, expected",
-    [
-        ("B", "B"),
-        ("  C\n", "C"),
-        ("A. The magnet attracts.", "A"),
-        ("D.", "D"),
-        ("The answer is B.", "B"),
-        ("Looking at the map, the answer is C. It is north.", None),  # lower-case "the answer is"
-        ("Looking at the map. The answer is (C).", "C"),
-        ("The answer is A. Wait, no. The answer is B.", None),  # two matches -> failed
-        ("The answer is Apple.", None),  # not a letter
-        ("b", None),  # lower-case letter is not an option letter
-        ("AB", None),
-        ("A.B.", None),  # "A." must be followed by a space or the end
-        ("", None),
-        ("I think it is B", None),
-    ],
-)
-def test_extract_letter(reply, expected):
-    assert scienceqa.extract_letter(reply) == expected
+
+@pytest.mark.parametrize("reply, official, lenient", REPLIES)
+def test_extract_letter_official_and_lenient(reply, official, lenient):
+    assert scienceqa.extract_letter(reply) == official  # official is the default
+    assert scienceqa.extract_letter(reply, "official") == official
+    assert scienceqa.extract_letter(reply, "lenient") == lenient
+
+
+def test_option_index_limits():
+    assert scienceqa.option_index("C", 3) == 2
+    assert scienceqa.option_index("D", 3) == -1  # beyond the problem's choices
+    assert scienceqa.option_index("F", 6) == -1  # official: A-E only
+    assert scienceqa.option_index("F", 6, "lenient") == 5
+    assert scienceqa.option_index(None, 3) == -1
+    with pytest.raises(ValueError, match="unknown ScienceQA rules"):
+        scienceqa.extract_letter("B", "strict")
 
 
 def _problem(pid, answer, *, choices=("yes", "no"), hint="", image=None, subject="natural science", grade="grade3"):
@@ -126,8 +148,17 @@ def test_score_command(sqa_dir, tmp_path, capsys):
     rc = scienceqa.main(["score", "--data-dir", str(sqa_dir), "--answers", str(answers), "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["accuracy"] == 80.0 and result["num_failed"] == 0
-    assert "accuracy 80.0%" in capsys.readouterr().out
+    # Official (default): the int id 1 is not the pid "1" -- LLaVA's scorer counts problem 1 as missing.
+    assert result["rules"] == "official" and result["split"] == "test"
+    assert (result["accuracy"], result["id_mismatch"], result["missing_ids"]) == (60.0, 1, ["1"])
+    assert result["results"] == {"1": -1, "2": 1, "3": 2, "4": 0, "5": 0}
+    assert result["outputs"]["1"] == "FAILED" and result["outputs"]["2"] == "B. b"
+    assert "(official rules): accuracy 60.0%" in capsys.readouterr().out
+    rc = scienceqa.main(["score", "--data-dir", str(sqa_dir), "--answers", str(answers), "--out", str(out),
+                         "--rules", "lenient"])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["rules"] == "lenient"
+    assert result["accuracy"] == 80.0 and result["num_failed"] == 0 and result["id_mismatch"] == 0
 
 
 def test_score_command_rejects_duplicate_answers(sqa_dir, tmp_path, capsys):
@@ -143,3 +174,95 @@ def test_bad_problem_is_named(tmp_path):
     (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["1"]}))
     with pytest.raises(EvalDataError, match="answer index 5"):
         scienceqa.load_problems(tmp_path, "test")
+
+
+def _mixed_set(tmp_path):
+    """One problem per reply in REPLIES plus a missing answer; the right answer is the letter each reply aims at.
+
+    Even pids have an image (their prompts start with "<image>\\n", as LLaVA's and our predict write them).
+    """
+    problems, answers, official, lenient, image = {}, [], [], [], []
+    for i, (reply, off, len_) in enumerate([*REPLIES, ("<missing>", None, None)]):
+        pid = str(100 + i)
+        n_choices = 5 if i % 3 else 3
+        letter = off or len_ or "B"
+        answer = "ABCDE".index(letter) if letter in "ABCDE"[:n_choices] else 1
+        has_image = i % 2 == 0
+        problems[pid] = _problem(pid, answer, choices=[f"c{k}" for k in range(n_choices)],
+                                 image="image.png" if has_image else None, grade=f"grade{1 + i % 12}")
+        prompt = ("<image>\n" if has_image else "") + f"Question {pid}?"
+        if reply != "<missing>":
+            answers.append({"question_id": pid, "prompt": prompt, "text": reply, "answer_id": f"id{i}",
+                            "model_id": "llava-v1.5-13b", "metadata": {}})
+        # Hand-derived verdicts: correct iff the parsed letter names the right option within the choices.
+        official.append(off is not None and off in "ABCDE"[:n_choices] and "ABCDE".index(off) == answer)
+        lenient.append(len_ is not None and len_ in "ABCDEFGHIJ"[:n_choices] and "ABCDEFGHIJ".index(len_) == answer)
+        image.append(has_image and reply != "<missing>")
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": list(problems), "val": []}))
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    return tmp_path, path, official, lenient, image
+
+
+def test_mixed_replies_official_and_lenient_differ(tmp_path):
+    sqa_dir, answers_path, official, lenient, image = _mixed_set(tmp_path)
+    problems = scienceqa.load_problems(sqa_dir, "test")
+    answers = scienceqa.read_answers(answers_path)
+    off = scienceqa.score(problems, answers)
+    len_ = scienceqa.score(problems, answers, rules="lenient")
+    pids = [p.pid for p in problems]
+    assert [off["results"][pid] == p.answer for pid, p in zip(pids, problems, strict=True)] == official
+    assert [len_["results"][pid] == p.answer for pid, p in zip(pids, problems, strict=True)] == lenient
+    assert sum(official) == 5 and sum(lenient) == 11  # the two rule sets really differ on this set
+    assert off["accuracy"] == 21.74 and len_["accuracy"] == 47.83  # LLaVA's eval_science_qa.py: 21.74%
+    assert off["acc"] == pytest.approx(100 * 5 / 23)
+    # LLaVA's IMG-Accuracy: over answers whose prompt holds <image> (the missing answer is not one).
+    assert off["image_n"] == sum(image) == 11
+    assert off["image_correct"] == sum(f for f, i in zip(official, image, strict=True) if i)
+    assert len_["image_n"] == 12  # lenient: problems with an image
+    assert off["missing_ids"] == [pids[-1]] and off["outputs"][pids[-1]] == "FAILED"
+    assert off["out_of_range_ids"] == [pids[18]]  # "The answer is G."
+    # per-category tables are kept
+    assert sum(row["n"] for row in off["by_grade"].values()) == 23
+    assert off["by_context"]["IMG"]["n"] == 12
+
+
+def test_analysis_file_has_llavas_fields(tmp_path):
+    sqa_dir, answers_path, official, _, _ = _mixed_set(tmp_path)
+    out = tmp_path / "analysis.json"
+    assert scienceqa.main(["score", "--data-dir", str(sqa_dir), "--answers", str(answers_path),
+                           "--analysis", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["correct"]) == sum(official) and len(result["incorrect"]) == 23 - sum(official)
+    first = result["correct"][0]
+    assert first == {"question_id": "100", "parsed_ans": "B", "ground_truth": "B", "question": "<image>\nQuestion 100?",
+                     "pred": "B", "is_multimodal": True}
+    missing = result["incorrect"][-1]
+    assert (missing["parsed_ans"], missing["pred"], missing["question"], missing["is_multimodal"]) == (
+        "FAILED", "FAILED", "Unknown", False)
+
+
+def test_reads_llava_answers_and_result_files(tmp_path):
+    """Ours reads theirs: a model_vqa_science.py answers JSONL and an eval_science_qa.py result JSON."""
+    sqa_dir, answers_path, official, _, _ = _mixed_set(tmp_path)
+    problems = scienceqa.load_problems(sqa_dir, "test")
+    from_jsonl = scienceqa.score(problems, scienceqa.read_answers(answers_path))
+    result_json = tmp_path / "result.json"
+    result_json.write_text(json.dumps({"acc": 1.0, "correct": 1, "count": 22, "results": {},
+                                       "outputs": {a["question_id"]: a["text"] for a in
+                                                   map(json.loads, answers_path.read_text().splitlines())}}))
+    from_result = scienceqa.score(problems, scienceqa.read_answers(result_json))
+    assert from_result["results"] == from_jsonl["results"] and from_result["correct"] == sum(official)
+    assert from_result["image_n"] == 11  # no prompts there: the problem's image decides (not for the missing one)
+
+
+def test_split_dedup_and_official_limits(tmp_path):
+    problems = {"1": _problem("1", 0), "2": _problem("2", 5, choices=list("abcdef"))}
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["1", "1"], "big": ["2"]}))
+    assert [p.pid for p in scienceqa.load_problems(tmp_path, "test")] == ["1"]  # counted once, as LLaVA does
+    big = scienceqa.load_problems(tmp_path, "big")
+    with pytest.raises(EvalDataError, match="beyond E"):
+        scienceqa.score(big, {"2": {"question_id": "2", "text": "F"}})
+    assert scienceqa.score(big, {"2": {"question_id": "2", "text": "F"}}, rules="lenient")["correct"] == 1

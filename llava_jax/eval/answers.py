@@ -1,15 +1,20 @@
 """Answer and question files shared by every benchmark: reading, validation and question-id keys.
 
-An answer file is JSONL, one object per question: {"question_id", "text", "prompt", "model_id", ...}. Scorers
-read only `question_id` and `text`, so answers produced by any system can be scored the same way. Question ids
-may be ints or strings in the public files; they are compared as strings.
+An answer file is JSONL, one object per question, in LLaVA's layout (what its `model_vqa*.py` scripts write):
+{"question_id", "prompt", "text", "answer_id", "model_id", "metadata": {...}} plus optional extras such as
+"category" (`answer_record` builds one). Scorers read `question_id` and `text` (ScienceQA's official rules also
+read `prompt`), so answers produced by any system, LLaVA's included, are scored the same way. `read_answers` also
+takes LLaVA's ScienceQA result JSON ({"acc", "correct", "count", "results", "outputs": {pid: reply}}), the form
+in which LLaVA's GPT-4 ensemble scripts read GPT-4's answers. Question ids may be ints or strings in the public
+files; they are compared as strings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -52,7 +57,11 @@ def read_records(path: str | os.PathLike, what: str = "records") -> list[dict]:
     """
     if not os.path.exists(path):
         raise EvalDataError(f"{what} file not found: {path}")
-    data = _load_json_or_lines(path, what)
+    return _as_records(_load_json_or_lines(path, what), path, what)
+
+
+def _as_records(data: Any, path: str | os.PathLike, what: str) -> list[dict]:
+    """The records of a parsed file (see `read_records`); anything else raises EvalDataError."""
     if isinstance(data, dict):
         for wrapper in ("questions", "annotations", "data"):
             if isinstance(data.get(wrapper), list):
@@ -84,10 +93,18 @@ def read_answers(path: str | os.PathLike) -> dict[str, dict]:
     """Reads an answer file into {question id key: record}, with each record's reply in `text`.
 
     The reply is `text`, or `answer` when there is no `text` (the official VQA results layout,
-    [{"question_id", "answer"}]). Numbers become strings; a null reply becomes "" (it then scores as a failed
+    [{"question_id", "answer"}]). LLaVA's ScienceQA result JSON is read from its "outputs" map. Numbers become strings; a null reply becomes "" (it then scores as a failed
     answer, never as a crash); any other type raises EvalDataError.
     """
-    answers = index_by_qid(read_records(path, "answers"), path, "answer")
+    if not os.path.exists(path):
+        raise EvalDataError(f"answers file not found: {path}")
+    data = _load_json_or_lines(path, "answers")
+    outputs = data.get("outputs") if isinstance(data, dict) and "question_id" not in data else None
+    if isinstance(outputs, dict):  # LLaVA's ScienceQA result JSON: {"outputs": {pid: reply}, ...}
+        records = [{"question_id": pid, "text": reply} for pid, reply in outputs.items()]
+    else:
+        records = _as_records(data, path, "answers")
+    answers = index_by_qid(records, path, "answer")
     for key, rec in answers.items():
         reply = rec["text"] if "text" in rec else rec.get("answer")
         if reply is None:
@@ -98,6 +115,28 @@ def read_answers(path: str | os.PathLike) -> dict[str, dict]:
             raise EvalDataError(f"{path}: answer for question_id {key!r} has a {type(reply).__name__} reply")
         rec["text"] = reply
     return answers
+
+
+def answer_id(model_id: str | None, question_id: Any, prompt: str, text: str) -> str:
+    """A 22-character id for one answer (LLaVA stores a random shortuuid there; ours is a hash of the answer,
+    so rewriting the same answers gives the same file)."""
+    blob = json.dumps([model_id, str(question_id), prompt, text], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:22]
+
+
+def answer_record(question_id: Any, prompt: str, text: str, model_id: str | None,
+                  metadata: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """One answers-file row with LLaVA's fields: question_id, prompt, text, answer_id, model_id, metadata, then
+    `extra` (e.g. category). LLaVA's scorers and ours both read it."""
+    return {
+        "question_id": question_id,
+        "prompt": prompt,
+        "text": text,
+        "answer_id": answer_id(model_id, question_id, prompt, text),
+        "model_id": model_id,
+        "metadata": dict(metadata or {}),
+        **extra,
+    }
 
 
 def read_questions(path: str | os.PathLike, need: tuple[str, ...] = ("text",)) -> list[dict]:

@@ -8,7 +8,8 @@ PATH may be an HF LLaVA dir, a converted model dir or a training workdir. Each p
 conversation template (`--template` overrides it) with the image marker first, encoded by
 `llava_jax.data.conversation.encode_prompt`, and decoded greedily unless --temperature > 0. Prompts are sorted
 by length into batches (less padding), the last batch is filled up to the batch size so shapes repeat, and the
-answers are written in question order: {question_id, prompt, text, model_id, category?}. The file is rewritten
+answers are written in question order in LLaVA's layout: {question_id, prompt, text, answer_id, model_id,
+metadata, category?}. The file is rewritten
 atomically every few batches; `--resume` keeps the answers already in --out and generates only the rest.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from llava_jax import host_memory
-from llava_jax.eval.answers import EvalDataError, qid_key, read_answers, read_questions
+from llava_jax.eval.answers import EvalDataError, answer_record, qid_key, read_answers, read_questions
 from llava_jax.io import atomic_write_jsonl
 
 log = logging.getLogger(__name__)
@@ -232,13 +233,8 @@ def run_predictions(items: Sequence[PromptItem], settings: PredictSettings, out_
         for i, new_ids in zip(batch, outputs, strict=False):
             new_ids = truncate_at_eos(list(new_ids), eos_ids)
             text = cut_at_stop_strings(tokenizer.decode(new_ids, skip_special_tokens=True), template.stop_strings)
-            records[keys[i]] = {
-                "question_id": items[i].question_id,
-                "prompt": user_message(items[i]),
-                "text": text,
-                "model_id": model_id,
-                **items[i].extra,
-            }
+            records[keys[i]] = answer_record(items[i].question_id, user_message(items[i]), text, model_id,
+                                             **items[i].extra)
         if (b + 1) % max(1, settings.flush_every) == 0:
             write()
     return write()
