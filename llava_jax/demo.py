@@ -15,88 +15,31 @@ OUT/eval.json holds {"accuracy", "blind_accuracy", "chance", "n"}; OUT/demo.json
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
-
-# The tiny model: 32 px images in 8 px patches (16 image tokens; the synthetic set's default 2 x 2 board puts
-# each object in a 16 px cell of 2 x 2 patches), a 2-layer vision tower, a 3-layer LLM.
-VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8, projection_dim=64, hidden_act="quick_gelu")
-TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
-VOCAB = 512
-
-
-def build_model_dir(data_dir: Path, out_dir: Path, seed: int, *, vision: dict | None = None, text: dict | None = None,
-                    vocab: int = VOCAB) -> dict[str, Any]:
-    """Trains the tokenizer on the synthetic text and writes a random tiny LLaVA model dir; returns sizes.
-
-    vision / text: CLIPVisionConfig / LlamaConfig fields (default: the demo's VISION / TEXT).
-    """
-    vision = dict(VISION if vision is None else vision)
-    text = dict(TEXT if text is None else text)
-    from llava_jax.convert.model_dir import save_model_dir
-    from llava_jax.data.conversation import get_template
-    from llava_jax.data.images import ImageConfig
-    from llava_jax.io import read_json, read_jsonl
-    from llava_jax.models.clip import CLIPVisionConfig
-    from llava_jax.models.llama import LlamaConfig
-    from llava_jax.models.llava import LlavaConfig, build_llava
-    from llava_jax.tiny import IMAGE_TOKEN, build_tokenizer
-
-    texts = []
-    for name in ("stage1.json", "stage2.json"):
-        for rec in read_json(data_dir / name):
-            texts.extend(t["value"].replace("<image>", "") for t in rec["conversations"])
-    texts.extend(r["text"] for r in read_jsonl(data_dir / "eval.jsonl"))
-    # The template's fixed text is in every sample: weight it so BPE learns whole words for it.
-    texts.extend([get_template("vicuna_v1").system] * 500)
-    tokenizer = build_tokenizer(texts, vocab_size=vocab)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = LlavaConfig(
-        vision=CLIPVisionConfig(**vision),
-        text=LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text),
-        image_token_id=image_token_id,
-        projector="mlp2x_gelu",
-        vision_feature_layer=(0, -1),
-        vision_feature_select_strategy="default",
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = build_llava(config, seed=seed)
-    image_config = ImageConfig(size=vision["image_size"], crop_size=vision["image_size"], aspect="pad")
-    save_model_dir(out_dir, model, config, tokenizer, image_config, template="vicuna_v1")
-    return {"vocab": len(tokenizer), "image_tokens": config.num_image_tokens}
+from llava_jax.workflow import (  # noqa: F401  (build_model_dir, VISION, TEXT, VOCAB: re-exported for tests)
+    TEXT,
+    VISION,
+    VOCAB,
+    StepFailedError,
+    build_model_dir,
+    stage1_command,
+    stage2_command,
+)
+from llava_jax.workflow import run as run_step
 
 
 def run(cmd: Sequence[str], log_path: Path) -> None:
-    """Runs a step, streaming its output to the terminal and to `log_path`; raises on failure."""
-    print("$ " + " ".join(cmd), flush=True)
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            if not _noise(line):
-                sys.stdout.write(line)
-                sys.stdout.flush()
-        code = proc.wait()
-    if code:
-        raise SystemExit(f"step failed with exit code {code}: {' '.join(cmd)} (log: {log_path})")
-
-
-def _noise(line: str) -> bool:
-    return any(s in line for s in ("TPU", "libtpu", "=== Source Location", "InitGoogle", "E0000", "W0000"))
+    """Runs a step, streaming its output to the terminal and to `log_path`; exits with a message on failure."""
+    try:
+        run_step(cmd, log_path)
+    except StepFailedError as e:
+        raise SystemExit(str(e)) from None
 
 
 def check_hf(hf_dir: Path, data_dir: Path) -> dict[str, Any]:
@@ -171,25 +114,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["model_s"] = time.time() - t
 
     py = sys.executable
-    common = [f"--config.data.image_root={data / 'images'}", f"--config.seed={args.seed}"]
     print("== stage 1", flush=True)
     t = time.time()
-    cmd = [py, "-m", "llava_jax.train", f"--config={CONFIGS / 'pretrain.py'}:demo", f"--workdir={s1}",
-           f"--config.init_from={model_dir}", f"--config.data.train_file={data / 'stage1.json'}", *common]
-    if args.stage1_steps:
-        cmd.append(f"--config.max_steps={args.stage1_steps}")
-    cmd += [f"--config.{kv}" for kv in args.stage1_set]
+    cmd = stage1_command(data_dir=data, model_dir=model_dir, workdir=s1, seed=args.seed, steps=args.stage1_steps,
+                         overrides=args.stage1_set)
     run(cmd, out / "stage1.log")
     timings["stage1_s"] = time.time() - t
 
     print("== stage 2 + eval", flush=True)
     t = time.time()
-    cmd = [py, "-m", "llava_jax.train", f"--config={CONFIGS / 'finetune.py'}:demo", f"--workdir={s2}",
-           f"--config.init_from={s1}", f"--config.data.train_file={data / 'stage2.json'}",
-           f"--config.eval.file={data / 'eval.jsonl'}", f"--config.eval.image_root={data / 'images'}", *common]
-    if args.stage2_steps:
-        cmd.append(f"--config.max_steps={args.stage2_steps}")
-    cmd += [f"--config.{kv}" for kv in args.stage2_set]
+    cmd = stage2_command(train_file=data / "stage2.json", image_root=data / "images", init_from=s1, workdir=s2,
+                         seed=args.seed, eval_file=data / "eval.jsonl", steps=args.stage2_steps,
+                         overrides=args.stage2_set)
     run(cmd, out / "stage2.log")
     timings["stage2_s"] = time.time() - t
     result = read_json(s2 / "eval.json")

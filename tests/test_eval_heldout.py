@@ -32,3 +32,11 @@ def test_summary_without_object_counts_and_mismatched_grades():
     assert "by_num_objects" not in s and s["by_category"] == {"color": 1.0, "shape": 1.0}
     with pytest.raises(ValueError, match="2 rows but 1 / 2 grades"):
         heldout_summary(rows, [True], [False, True])
+
+
+def test_summary_without_a_blind_pass_has_no_blind_accuracy():
+    rows = [_row("color", 1, 4), _row("side", 2)]
+    s = heldout_summary(rows, [True, False], None)
+    assert s["accuracy"] == pytest.approx(0.5) and "blind_accuracy" not in s
+    with pytest.raises(ValueError):
+        heldout_summary(rows, [True], None)

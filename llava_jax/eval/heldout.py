@@ -23,12 +23,13 @@ class EmptyEvalFileError(ValueError):
     """The held-out file holds no questions."""
 
 
-def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str) -> dict:
+def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str, blind: bool = True) -> dict:
     """Greedy answers to a held-out JSONL (question_id, image, text, answer, choices), with the image and blind.
 
     A reply is correct when it names the answer and no other choice (`synthetic.score_answer`).
-    Blind = the same questions with the image replaced by a blank (mean-colour) one. Returns
-    `heldout_summary` of the replies.
+    Blind = the same questions with the image replaced by a blank (mean-colour) one; `blind=False` skips
+    that pass (half the cost, e.g. for picking a checkpoint on a validation split) and the summary then has
+    no blind_accuracy. Returns `heldout_summary` of the replies.
     """
     rows = read_jsonl(eval_cfg.file)
     if eval_cfg.limit and eval_cfg.limit > 0:
@@ -50,27 +51,30 @@ def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str) -
                                               image_token_id=mcfg.image_token_id) for r in chunk]
         pix = np.stack([images.preprocess(images.load_rgb(root / r["image"]), icfg) for r in chunk])
         has = np.ones((len(chunk),), dtype=bool)
-        for name, pixels in (("image", pix), ("blind", np.broadcast_to(blank, pix.shape).copy())):
+        passes = [("image", pix)] + ([("blind", np.broadcast_to(blank, pix.shape).copy())] if blind else [])
+        for name, pixels in passes:
             out = generate(model, prompts, pixels, has, max_new_tokens=eval_cfg.max_new_tokens, temperature=0.0,
                            eos_ids=eos, stop_strings=stops, tokenizer=tok)
             for r, ids in zip(chunk, out, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
                 correct[name].append(score_answer(text, {"answer": r["answer"], "choices": r.get("choices") or []}))
-    return heldout_summary(rows, correct["image"], correct["blind"])
+    return heldout_summary(rows, correct["image"], correct["blind"] if blind else None)
 
 
-def heldout_summary(rows: list[dict], correct: list[bool], blind_correct: list[bool]) -> dict:
+def heldout_summary(rows: list[dict], correct: list[bool], blind_correct: list[bool] | None) -> dict:
     """{"accuracy", "blind_accuracy", "chance", "n", "by_category"[, "by_num_objects"]} of graded replies.
 
     rows: the held-out questions (chance = mean over them of 1 / #choices); correct / blind_correct: one
-    grade per row, with the image and with the blank image. by_category is the accuracy with the image per
-    row `category`; by_num_objects the same per `num_objects` (rows of the synthetic set carry it), which
-    separates reading one object from binding attributes across several.
+    grade per row, with the image and with the blank image (None: no blind pass, no blind_accuracy).
+    by_category is the accuracy with the image per row `category`; by_num_objects the same per
+    `num_objects` (rows of the synthetic set carry it), which separates reading one object from binding
+    attributes across several.
     """
     if not rows:
         raise EmptyEvalFileError("no held-out questions to summarise")
-    if not len(rows) == len(correct) == len(blind_correct):
-        raise ValueError(f"{len(rows)} rows but {len(correct)} / {len(blind_correct)} grades")
+    blind_n = len(correct) if blind_correct is None else len(blind_correct)
+    if not len(rows) == len(correct) == blind_n:
+        raise ValueError(f"{len(rows)} rows but {len(correct)} / {blind_n} grades")
 
     def breakdown(key: str) -> dict[str, float]:
         groups: dict[str, list[bool]] = {}
@@ -78,7 +82,8 @@ def heldout_summary(rows: list[dict], correct: list[bool], blind_correct: list[b
             groups.setdefault(str(r.get(key, "all")), []).append(ok)
         return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
 
-    summary = {"accuracy": float(np.mean(correct)), "blind_accuracy": float(np.mean(blind_correct)),
+    summary = {"accuracy": float(np.mean(correct)),
+               **({} if blind_correct is None else {"blind_accuracy": float(np.mean(blind_correct))}),
                "chance": float(np.mean([1.0 / len(r["choices"]) if r.get("choices") else 0.0 for r in rows])),
                "n": len(rows), "by_category": breakdown("category")}
     if any("num_objects" in r for r in rows):
