@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,30 @@ def _holds(question: str, reply: str, objs: list[synthetic.Obj]) -> bool | None:
         o = by_shape.get(words[-1])
         return None not in named and o is not None and o.size == "large" and \
             any(x.size == "small" for x in named)
-    return None
+    return _description_holds(reply, objs)
+
+
+_OBJECT = re.compile(r"\b(?:a|an) (\w+) (\w+)(?: is)?(?: in the (top|bottom) (left|right) corner)?"
+                     r"(?:, and it is (large|small))?", re.IGNORECASE)
+
+
+def _description_holds(text: str, objs: list[synthetic.Obj]) -> bool:
+    """Whether every object a description names (colour + shape, and place / size where it says them), its count
+    and its largest object are as in the scene."""
+    by_color = {o.color: o for o in objs}
+    for color, shape, row, col, size in _OBJECT.findall(text):
+        if color not in synthetic.COLORS:  # "a plain light background"
+            continue
+        o = by_color.get(color)
+        if o is None or o.shape != shape or (size and o.size != size):
+            return False
+        if row and (("top", "bottom")[o.row], ("left", "right")[o.column]) != (row, col):
+            return False
+    count = re.search(r"shows (\w+) shapes?\b", text)
+    if count and count.group(1) != synthetic.COUNT_WORDS[len(objs)]:
+        return False
+    largest = re.search(r"largest object is the (\w+) (\w+)", text)
+    return not largest or any((o.color, o.shape, o.size) == (*largest.groups(), "large") for o in objs)
 
 
 def _qa(record):
@@ -115,6 +139,7 @@ def test_good_records_are_true_and_bad_ones_are_bad_as_labelled(sets):
     by_id = {r["id"]: r for r in recs}
     clean = {r["id"]: r for r in lio.read_json(sets["clean"] / "stage2.json")}
     seen = collections.Counter()
+    parse = noise.parse_question
     for r in recs:
         lab = labels[r["id"]]
         own = f"{r['id']}.jpg"
@@ -122,16 +147,18 @@ def test_good_records_are_true_and_bad_ones_are_bad_as_labelled(sets):
         kind = lab["kind"]
         seen[kind] += 1
         if kind is None:
-            assert r["image"] == own and all(v is not False for v in verdicts), r
+            assert r["image"] == own and all(verdicts), r
             assert _qa(r)[0] == _qa(clean[r["id"]])[0]  # the record starts as the clean one did
         elif kind == "contradiction":
             assert r["image"] == own and False in verdicts, r
             for i in lab["turns"]:  # every changed turn is wrong, fluent, and not the clean reply
                 q, a = r["conversations"][i - 1]["value"], r["conversations"][i]["value"]
-                assert _holds(q, a, scenes[own]) is not True and a[-1] == "."
+                assert _holds(q, a, scenes[own]) is False and a[-1] == "."
+            seen["contradicted description"] += any(parse(r["conversations"][i - 1]["value"]) is None
+                                                    for i in lab["turns"])
         elif kind == "swap":
             assert r["image"] != own and r["image"] == f"{lab['image_of']}.jpg"
-            assert all(v is not False for v in (_holds(q, a, scenes[own]) for q, a in _qa(r)))
+            assert all(_holds(q, a, scenes[own]) for q, a in _qa(r))  # true of its own scene
             assert False in verdicts  # the text is wrong for the image it is paired with
         elif kind == "truncated":
             last = r["conversations"][-1]["value"]
@@ -143,7 +170,7 @@ def test_good_records_are_true_and_bad_ones_are_bad_as_labelled(sets):
             other = by_id[lab["of"]]
             assert not labels[lab["of"]]["bad"] and lab["of"] < r["id"]  # the original comes first
             assert (r["image"], r["conversations"]) == (other["image"], other["conversations"])
-    assert set(seen) == {None, *noise.KINDS}
+    assert set(seen) == {None, *noise.KINDS, "contradicted description"} and seen["contradicted description"] > 5
 
 
 def test_truncated_is_a_strict_prefix_of_the_record_before_noise(sets):

@@ -210,8 +210,13 @@ def _facts_of(question: str, objs: Sequence[syn.Obj]) -> set[str]:
 # ------------------------------------------------------------------------------------------------ descriptions
 
 
+def _named(o: syn.Obj) -> str:
+    """"a red circle", "an orange cross"."""
+    return f"{'an' if o.color[0] in 'aeiou' else 'a'} {o.color} {o.shape}"
+
+
 def _phrase(o: syn.Obj) -> str:
-    return f"a {o.color} {o.shape} {syn._place(o)}"
+    return f"{_named(o)} {syn._place(o)}"
 
 
 def partial_description(objs: Sequence[syn.Obj], rng: np.random.Generator) -> tuple[str, set[str]]:
@@ -220,7 +225,7 @@ def partial_description(objs: Sequence[syn.Obj], rng: np.random.Generator) -> tu
     With one object it names only its colour and shape."""
     if len(objs) == 1:
         o = objs[0]
-        return f"The picture shows a {o.color} {o.shape}.", {f"bind:{o.shape}"}
+        return f"The picture shows {_named(o)}.", {f"bind:{o.shape}"}
     k = int(rng.integers(1, len(objs)))
     chosen = [objs[int(i)] for i in sorted(rng.choice(len(objs), k, replace=False))]
     body = " and ".join(_phrase(o) for o in chosen)
@@ -231,7 +236,8 @@ def partial_description(objs: Sequence[syn.Obj], rng: np.random.Generator) -> tu
 def complete_description(objs: Sequence[syn.Obj]) -> tuple[str, set[str]]:
     """The detailed description (count, every object's colour, shape, place and size) -> (text, facts)."""
     facts = {"count"} | {f"{f}:{o.shape}" for o in objs for f in ("bind", "place", "size")}
-    return syn.detailed_description(objs), facts
+    text = re.sub(r"\bA (?=[aeiou])", "An ", syn.detailed_description(objs))  # "An orange cross is ..."
+    return text, facts
 
 
 def _perturb(objs: Sequence[syn.Obj], rng: np.random.Generator) -> list[syn.Obj]:
@@ -301,8 +307,8 @@ def _contradict(record: dict[str, Any], objs: Sequence[syn.Obj], rng: np.random.
     for i in range(1, len(conv), 2):
         if parse_question(conv[i - 1]["value"]) is None:  # a description turn
             wrong = _perturb(objs, rng)
-            if conv[i]["value"] == syn.detailed_description(objs):
-                conv[i]["value"] = syn.detailed_description(wrong)
+            if conv[i]["value"] == complete_description(objs)[0]:
+                conv[i]["value"] = complete_description(wrong)[0]
             else:
                 conv[i]["value"] = _rewrite_partial(conv[i]["value"], objs, wrong)
             changed.append(i)
@@ -314,13 +320,13 @@ def _rewrite_partial(text: str, objs: Sequence[syn.Obj], wrong: Sequence[syn.Obj
     if the changed object is not named, a named one gets another colour instead."""
     out = text
     for o, w in zip(objs, wrong, strict=True):
-        for old, new in ((_phrase(o), _phrase(w)), (f"a {o.color} {o.shape}.", f"a {w.color} {w.shape}.")):
+        for old, new in ((_phrase(o), _phrase(w)), (f"{_named(o)}.", f"{_named(w)}.")):
             out = out.replace(old, new)
     if out == text:
         for o in objs:
-            if f"a {o.color} {o.shape}" in text:
+            if _named(o) in text:
                 free = [c for c in syn.COLORS if c not in {x.color for x in objs}]
-                return text.replace(f"a {o.color} {o.shape}", f"a {free[0]} {o.shape}", 1)
+                return text.replace(_named(o), _named(dataclasses.replace(o, color=free[0])), 1)
     return out
 
 
