@@ -23,9 +23,15 @@ Then exactly round(noise x N) records are made bad, split over the chosen kinds 
   generic        every answer is a generic non-answer ("It is a picture."-style)
   duplicate      an exact copy (image and conversation) of an earlier good record, under its own id
 
-The labels (`{"noise", "mix", "seed", "records": {id: {"bad", "kind", "detail", "informativeness", ...}},
-"counts": {...}}`) go to a separate file that no scorer reads. For a bad record, "detail" and
-"informativeness" describe its text before the corruption.
+The labels go to a separate file that no scorer reads:
+
+  {"noise": share, "mix": {kind: share}, "seed": seed,
+   "records": {id: {"bad": bool, "kind": kind or null, "detail": level, "informativeness": 0-1,
+                    "turns": [changed gpt-turn indices] (contradiction, truncated),
+                    "image_of": id (swap: whose image it now has), "of": id (duplicate: the original)}},
+   "counts": {"records", "good", "bad", one count per kind, "good_detail": {level: good records}}}
+
+For a bad record, "detail" and "informativeness" describe its text before the corruption.
 """
 
 from __future__ import annotations
