@@ -300,7 +300,8 @@ def ensemble_command(args: argparse.Namespace) -> int:
         "mode": args.mode,
         "rules": args.rules,
         "split": args.split,
-        "judge_model": settings.model,
+        "judge_answers_model": _model_id(theirs, "unknown"),
+        "requery_model": settings.model if args.mode == JUDGE else None,
         "counts": counts,
         "accuracy": result["accuracy"],
         "ours_accuracy": ours_score["accuracy"],
@@ -311,14 +312,14 @@ def ensemble_command(args: argparse.Namespace) -> int:
         "client": client.last_stats.to_dict() if client is not None else None,
     }
     os.makedirs(args.out, exist_ok=True)
-    model_id = f"{_model_id(ours, 'ours')}+{settings.model}:{args.mode}"
+    model_id = f"{_model_id(ours, 'ours')}+{summary['judge_answers_model']}:{args.mode}"
     atomic_write_jsonl(os.path.join(args.out, "answers.jsonl"),
                        _final_rows(problems, choices, verdicts, ours, model_id))
     if args.mode == JUDGE:
         atomic_write_jsonl(os.path.join(args.out, "requery.jsonl"), requery_rows)
     atomic_write_json(os.path.join(args.out, "ensemble.json"), summary)
     print(f"ScienceQA {args.split} ensemble ({args.mode}, {args.rules} rules): accuracy {result['accuracy']}% "
-          f"(ours {ours_score['accuracy']}%, {settings.model} {theirs_score['accuracy']}%); "
+          f"(ours {ours_score['accuracy']}%, {summary['judge_answers_model']} {theirs_score['accuracy']}%); "
           f"agreements {counts['agreements']}, requeries {counts['requeries']}, "
           f"failures {counts['failures']}")
     return 0
