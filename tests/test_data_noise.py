@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from llava_jax import io as lio
-from llava_jax.data import noise, synthetic
+from llava_jax.data import noise, synthetic, validate
 
 REPO = Path(__file__).resolve().parents[1]
 NUM, SEED, SHARE = 240, 7, 0.5
@@ -132,6 +132,8 @@ def test_exact_counts_and_labels_cover_every_record(sets):
     assert all(lab["kind"] is None for lab in labels["records"].values() if not lab["bad"])
     assert labels["noise"] == SHARE and sets["meta"]["noise"]["counts"] == labels["counts"]
     assert sets["meta"]["stage2_records"] == NUM
+    report = validate.validate_records(recs, [sets["noisy"] / "images"], length=validate.LengthCheck(2048, 576))
+    assert report.ok == report.total == NUM, dict(report.errors)  # bad, but every record is well-formed
 
 
 def test_good_records_are_true_and_bad_ones_are_bad_as_labelled(sets):
