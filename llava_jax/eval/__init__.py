@@ -1,7 +1,9 @@
 """Evaluation: every benchmark has a `predict` step (batched generation to an answers JSONL) and a separate
 `score` / `review` step that reads answer files, so answers from any system are scored the same way.
 
-  scienceqa    ScienceQA multiple choice: build, predict, score (letter extraction, per-subject tables)
+  scienceqa    ScienceQA multiple choice: build, predict, score (LLaVA's official verdicts or lenient ones,
+               per-subject tables)
+  scienceqa_ensemble  a text-only GPT's ScienceQA answers, and the complement / judge ensembles with ours
   llava_bench  LLaVA-Bench: predict, review (GPT judge vs reference answers), summarize (relative scores)
   compare      pairwise GPT judging of two answer files in both orders: win / tie / lose, win score
   vqa          VQA-style short-answer accuracy with the standard normalisation
