@@ -246,29 +246,41 @@ def load_trained_model(workdir: str | Path, *, dtype: Any = None, param_dtype: A
     param_dtype = param_dtype or jnp.float32
     loaded = load_base_model(info["init_from"], dtype=dtype, param_dtype=param_dtype)
     params = nnx.state(loaded.model, trainable_filter(info["trainable"]))
-    ckpt_dir = workdir / CHECKPOINT_SUBDIR
-    manager = ocp.CheckpointManager(
-        ckpt_dir.absolute(), item_names=("params", "meta"), options=ocp.CheckpointManagerOptions(read_only=True)
-    )
-    steps = sorted(manager.all_steps(), reverse=True)
-    if step is not None:
-        steps = [s for s in steps if s == step]
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {ckpt_dir}" + (f" at step {step}" if step is not None else ""))
-    target = abstract_pure(params)
-    for s in steps:
-        try:
-            out = manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-            break
-        except Exception as e:  # noqa: BLE001
-            log.warning("checkpoint %d in %s is unreadable (%s); trying the previous one", s, ckpt_dir, e)
-    else:
-        raise CheckpointError(f"no readable checkpoint in {ckpt_dir}")
-    manager.close()
-    restored = jax.tree.map(lambda a, t: jnp.asarray(a, dtype=t.dtype), out["params"], target)
+    _, restored = restore_params(workdir / CHECKPOINT_SUBDIR, params, step=step)
     nnx.replace_by_pure_dict(params, restored)
     nnx.update(loaded.model, params)
     return loaded
 
 
 load_workdir_model = load_trained_model
+
+
+def restore_params(ckpt_dir: str | Path, params: nnx.State, step: int | None = None) -> tuple[int, Any]:
+    """Reads only the parameters of the newest readable checkpoint (or of `step`) in `ckpt_dir`.
+
+    `params` gives the tree, shapes, dtypes and shardings. Returns (step, pure dict of arrays cast to the
+    target dtypes) for `nnx.replace_by_pure_dict`; raises CheckpointError when no checkpoint can be read.
+    """
+    import jax.numpy as jnp
+
+    ckpt_dir = Path(ckpt_dir).absolute()
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=("params", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if step is not None:
+            steps = [s for s in steps if s == step]
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {ckpt_dir}" + (f" at step {step}" if step is not None else ""))
+        target = abstract_pure(params)
+        for s in steps:
+            try:
+                out = manager.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+                break
+            except Exception as e:  # noqa: BLE001
+                log.warning("checkpoint %d in %s is unreadable (%s); trying the previous one", s, ckpt_dir, e)
+        else:
+            raise CheckpointError(f"no readable checkpoint in {ckpt_dir}")
+    finally:
+        manager.close()
+    return s, jax.tree.map(lambda a, t: jnp.asarray(a, dtype=t.dtype), out["params"], target)

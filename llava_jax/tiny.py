@@ -86,6 +86,57 @@ def build_tokenizer(
     return fast
 
 
+CLIP_BOS = "<|startoftext|>"
+CLIP_EOS = "<|endoftext|>"
+# CLIP's word split (contractions, letter runs, single digits, punctuation runs); transformers' CLIPTokenizer uses it too
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1024, out_dir: str | os.PathLike | None = None):
+    """Trains a CLIP-style byte-level BPE offline and returns it as a transformers `CLIPTokenizer`.
+
+    The pipeline is CLIP's (NFC, whitespace squeezed, lower case, CLIP's word split, byte-level symbols, "</w>"
+    marking a word's last symbol), so `CLIPTokenizer` / `CLIPProcessor` load the saved files as they load
+    openai/clip-*. Layout of the ids: the 256 byte symbols, the same with "</w>", the learned merges, then
+    `<|startoftext|>` and `<|endoftext|>` last (the highest ids, as in CLIP; `<|endoftext|>` is also the pad and
+    unknown token). Every text becomes [bos, ..., eos]; no byte is ever unknown.
+
+    Args:
+      texts: training texts (captions).
+      vocab_size: target vocabulary of the BPE trainer (the result has at most this + 514 entries; a small
+        caption vocabulary learns fewer merges).
+      out_dir: if given, the tokenizer is saved there with `save_pretrained`.
+    Returns:
+      a `transformers.CLIPTokenizer`.
+    """
+    import json
+
+    from tokenizers import Regex
+    from transformers import CLIPTokenizer
+
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, initial_alphabet=alphabet,
+                                  end_of_word_suffix="</w>", continuing_subword_prefix="")
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    learned = json.loads(tok.to_str())["model"]
+    vocab = {s: i for i, s in enumerate(alphabet + [a + "</w>" for a in alphabet])}
+    for symbol, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(symbol, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    vocab[CLIP_BOS] = len(vocab)
+    vocab[CLIP_EOS] = len(vocab)
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    if out_dir is not None:
+        clip_tok.save_pretrained(str(out_dir))
+    return clip_tok
+
+
 # ------------------------------------------------------------------------------------------------ HF (torch) models
 
 

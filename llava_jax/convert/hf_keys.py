@@ -44,7 +44,7 @@ def _to_hf(x: np.ndarray, transform: str) -> np.ndarray:
         return np.ascontiguousarray(x.T)
     if transform == "conv":
         return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-    return np.ascontiguousarray(x)
+    return np.ascontiguousarray(x).reshape(x.shape)  # ascontiguousarray makes 0-d arrays 1-d
 
 
 def _encoder_rules(hf: str, ours: str) -> list[Rule]:
