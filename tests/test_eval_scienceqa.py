@@ -266,3 +266,42 @@ def test_split_dedup_and_official_limits(tmp_path):
     with pytest.raises(EvalDataError, match="beyond E"):
         scienceqa.score(big, {"2": {"question_id": "2", "text": "F"}})
     assert scienceqa.score(big, {"2": {"question_id": "2", "text": "F"}}, rules="lenient")["correct"] == 1
+
+
+def test_predict_writes_rows_llavas_scorer_reads(sqa_dir, monkeypatch):
+    """Theirs reads ours: eval_science_qa.py keys rows by question_id and looks up each pid string of the split,
+    reads `text`, and counts a row as an image question when "<image>" is in its `prompt`."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    import llava_jax.generate as generate_lib
+    from llava_jax.data.images import ImageConfig
+    from llava_jax.eval import predict as predict_lib
+    from llava_jax.tiny import build_tokenizer
+
+    for pid in ("1", "2"):
+        (sqa_dir / "images" / pid).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(sqa_dir / "images" / pid / "image.png")
+    tok = build_tokenizer(["Question yes no Options Context Reply with only the letter A B C"], vocab_size=300)
+    loaded = SimpleNamespace(model="model", tokenizer=tok, template="vicuna_v1",
+                             config=SimpleNamespace(num_image_tokens=2, image_token_id=tok.convert_tokens_to_ids("<image>")),
+                             image_config=ImageConfig(size=8, crop_size=8))
+    monkeypatch.setattr(predict_lib, "load_for_inference", lambda path, dtype="auto": loaded)
+    monkeypatch.setattr(generate_lib, "generate",
+                        lambda model, ids, *a, **k: [tok.encode("A", add_special_tokens=False) for _ in ids])
+    out = sqa_dir / "answers.jsonl"
+    assert scienceqa.main(["predict", "--model", "/m/tiny", "--data-dir", str(sqa_dir), "--out", str(out),
+                           "--batch-size", "2"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert all({"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} <= set(r) for r in rows)
+    by_id = {r["question_id"]: r for r in rows}
+    split = json.loads((sqa_dir / "pid_splits.json").read_text())["test"]
+    problems = json.loads((sqa_dir / "problems.json").read_text())
+    assert all(pid in by_id for pid in split)  # exact pid strings
+    assert [("<image>" in by_id[pid]["prompt"]) for pid in split] == [bool(problems[pid]["image"]) for pid in split]
+    assert all(by_id[pid]["text"] == "A" and isinstance(by_id[pid]["metadata"], dict) for pid in split)
+    assert len({r["answer_id"] for r in rows}) == len(rows)
+    result = scienceqa.score(scienceqa.load_problems(sqa_dir), scienceqa.read_answers(out))
+    assert (result["correct"], result["image_n"], result["id_mismatch"]) == (2, 2, 0)  # pids 1 and 4 answer A
