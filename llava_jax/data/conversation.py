@@ -1,6 +1,6 @@
 """Conversation templates, tokenization and label masking — the same ids as LLaVA, by construction.
 
-Tokenization rule (what LLaVA's `preprocess` and `tokenizer_image_token`, its CLI and the HF processors do):
+Tokenization rule (what LLaVA's `preprocess` / `tokenizer_image_token` and its CLI do):
 
 1. Render the whole conversation as one string with the template: system text, every user turn, every
    assistant header and answer (training), or everything up to and including the last assistant header
@@ -14,14 +14,20 @@ Tokenization rule (what LLaVA's `preprocess` and `tokenizer_image_token`, its CL
    `legacy: true` text after a special token gets the word-boundary marker (`</s>USER` -> `</s>`, `▁USER`),
    with `legacy: false` it does not (`</s>`, `USER`); tokenizing turn by turn gets the second case wrong.
    When the rendered text already starts with the BOS text (chat templates often write it), the pieces are
-   tokenized without special tokens, as transformers' processors do.
+   tokenized without special tokens, as transformers' processors do. (transformers' LlavaProcessor tokenizes
+   the text with the image tokens inside it instead: with `legacy: true` its ids are the same; with
+   `legacy: false` the text right after its image tokens gets no word-boundary marker, so it lacks the one "▁"
+   that LLaVA's fresh call after the marker gives, e.g. before the "\\n" of v1. LLaVA's training is followed.)
 3. Labels come from character spans: the fast tokenizer's offset mapping places every token in the text; a
    token is supervised when its span overlaps an answer span (the answer plus its end separator, e.g.
-   " {answer}</s>" for v1, "{caption}\\n" for plain). BOS, system text, user turns, assistant headers and
-   image positions hold IGNORE_INDEX. Labels are read off the same ids, so a "tokenization mismatch" cannot
-   happen, and no sample is dropped quietly: every problem is a named ConversationError subclass.
+   " {answer}</s>" for v1, "{caption}\\n" for plain; a token that straddles a boundary counts as answer).
+   BOS, system text, user turns, assistant headers and image positions hold IGNORE_INDEX. Labels are read
+   off the same ids, so a "tokenization mismatch" cannot happen, and no sample is dropped quietly: every
+   problem is a named ConversationError subclass.
 4. `encode_prompt` applies the same rule to the text that ends at the last assistant header, so for the same
-   turns the inference prompt is a prefix of the training ids (the answer's first token starts a new word).
+   turns the inference prompt is a prefix of the training ids: the built-in templates end the header where a
+   token must end (a space before the answer starts a new word, a special token or "\\n\\n" ends the header).
+   A chat template whose header and answer merge into one token cannot have this property.
 
 Templates (`get_template`): `plain` (stage 1, LLaVA's `preprocess_plain`: "<image>" + caption + "\\n", the
 caption and its newline supervised), `vicuna_v0` ('###' separators), `vicuna_v1` (aliases `llava_v1`, `v1`:
