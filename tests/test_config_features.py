@@ -113,6 +113,35 @@ def test_llama_config_with_rope_dict_and_eos_list_is_hashable_and_round_trips():
     assert float(f(cfg, 2.0)) == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"type": "linear", "factor": 4.0},
+    LLAMA3_ROPE,
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+])
+def test_rope_frequencies_equal_transformers(scaling):
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kw = dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=2, rope_theta=500000.0)
+    hf = HFLlamaConfig(**kw, rope_scaling=dict(scaling))
+    want = ROPE_INIT_FUNCTIONS[hf.rope_parameters["rope_type"]](hf, "cpu")[0].numpy()
+    np.testing.assert_allclose(rope_inv_freq(LlamaConfig(**kw, rope_scaling=scaling)), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scaling, message", [
+    ({"rope_type": "yarn", "factor": 4.0}, "'yarn' is not supported"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic' is not supported"),
+    ({"rope_type": "llama3", "factor": 8.0}, "lacks low_freq_factor, high_freq_factor"),
+])
+def test_unsupported_rope_scaling_is_a_named_error_when_the_config_is_read(scaling, message):
+    from llava_jax.models.layers import UnsupportedConfigError
+
+    with pytest.raises(UnsupportedConfigError, match=message):
+        LlamaConfig.from_hf({"hidden_size": 32, "num_attention_heads": 4, "rope_scaling": scaling})
+
+
 def test_llava_config_hashable_and_to_hf_equals_the_hf_config(case):
     cfg = case.loaded.config
     assert hash(cfg) == hash(LlavaConfig.from_hf(json.loads(json.dumps(cfg.to_hf()))))

@@ -54,6 +54,7 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise L.UnsupportedConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        rope_inv_freq(self)  # an unsupported or incomplete rope_scaling fails here, when the config is read
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
@@ -90,20 +91,25 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv.astype(np.float32)
+    needs = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    if kind not in needs:
+        raise L.UnsupportedConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    missing = [k for k in needs[kind] if scaling.get(k) is None]
+    if missing:
+        raise L.UnsupportedConfigError(f"rope scaling {kind!r} lacks {', '.join(missing)}")
     if kind == "linear":
         return (inv / scaling["factor"]).astype(np.float32)
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_len / low, old_len / high
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise L.UnsupportedConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+    factor = scaling["factor"]  # llama3
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
