@@ -2,21 +2,26 @@
 
     python -m selection.select --data cc_sbu_align/filter_cap.json --image-root cc_sbu_align/image --out runs/sel \
         --alpha 200 --config configs/select.py --config.clip.model_dir=CLIP_DIR \
-        --config.reward.model_dir=REWARD_DIR [--config.key=value ...]
+        --config.reward.model_dir=REWARD_DIR [--config.mllm.model_dir=LLAVA] [--config.key=value ...]
+
+Scores: clip, length, reward and gpt (InstructionGPT-4's four) and mllm (how much the image raises the answer's
+likelihood under a LLaVA checkpoint: selection/mllm_score.py). A score that needs a model (clip, reward, mllm)
+whose model_dir is not set is not computed: the selector uses weight 0 for it and says so in its output and in
+report.json ("dropped_scores"). So mllm's default weight 1 applies exactly when mllm.model_dir is set.
 
 Variants (`--config configs/select.py:VARIANT`), for ablations:
-  default   all four scores, weight 1 each, min-max normalised, 10 spectral clusters
+  default   every score, weight 1 each, min-max normalised, 10 spectral clusters
   random    a seeded uniform random subset (no scores, no clusters)
-  clip | length | reward | gpt   that score alone (weight 1, the others 0), 10 clusters
-  nocluster all four scores, K = 1 (no diversity step)
-  offline   clip + length + reward (no GPT requests)
+  clip | length | reward | gpt | mllm   that score alone (weight 1, the others 0), 10 clusters
+  nocluster every score, K = 1 (no diversity step)
+  offline   every score but gpt (no GPT requests)
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-SCORES = ("clip", "length", "reward", "gpt")
+SCORES = ("clip", "length", "reward", "gpt", "mllm")
 VARIANTS = ("default", "random", *SCORES, "nocluster", "offline")
 
 
@@ -55,6 +60,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reward.batch_size = 8
     c.reward.max_length = 512
     c.reward.device = "cpu"  # a torch device, e.g. "cuda"
+
+    c.mllm = ml_collections.ConfigDict()
+    c.mllm.model_dir = ""  # what `llava_jax.generate --model` takes: HF LLaVA dir, model dir or training workdir
+    c.mllm.batch_size = 8  # examples per jitted call (fixed: the last batch is filled)
+    c.mllm.max_length = 2048  # tokens per example, image tokens included
+    c.mllm.template = ""  # conversation template; empty = the model's own (vicuna_v1 when it names none)
+    c.mllm.dtype = "auto"  # auto (bfloat16 on accelerators, float32 on CPU) | float32 | bfloat16
+    c.mllm.buckets = ()  # padded sequence lengths; empty = powers of two from 64, and max_length
+    c.mllm.workers = 4  # image decoding threads
 
     c.gpt = ml_collections.ConfigDict()
     c.gpt.client = ml_collections.ConfigDict()

@@ -3,7 +3,8 @@ subset back in the input's own format.
 
 An `Example` is what the scorers see: a unique id, the image path relative to the image root (None for text-only
 records), the instruction and the answer. LLaVA records with several turns are scored on all their human turns
-(the instruction) and all their assistant turns (the answer), each joined by a blank line.
+(the instruction) and all their assistant turns (the answer), each joined by a blank line; `turns` keeps the
+record's (human, assistant) pairs for scorers that replay the conversation (the `mllm` score).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class Example:
     """One scoreable example.
 
     `index` is the position of the source record in the input file, `key` a unique id (the record's id, with
-    "#2", "#3", ... appended to repeats), `image` the path relative to the image root or None.
+    "#2", "#3", ... appended to repeats), `image` the path relative to the image root or None. `turns` holds the
+    record's (human, assistant) pairs without the image marker; empty when the record has no such pairing
+    (MiniGPT-4 captions, records whose roles do not alternate), see `dialogue`.
     """
 
     index: int
@@ -48,6 +51,11 @@ class Example:
     image: str | None
     instruction: str
     answer: str
+    turns: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
+
+    def dialogue(self) -> tuple[tuple[str, str], ...]:
+        """The (human, assistant) pairs to replay: `turns`, or the single pair (instruction, answer)."""
+        return self.turns or ((self.instruction, self.answer),)
 
     def content_hash(self) -> str:
         """A short hash of everything a score can depend on (image path, instruction, answer)."""
@@ -79,11 +87,12 @@ def _llava_example(index: int, record: Any) -> tuple[str, Example]:
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise InputFormatError(f"record {index} (id {record.get('id')!r}): missing or empty 'conversations'")
-    human, gpt = [], []
+    human, gpt, roles = [], [], []
     for t, turn in enumerate(turns):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise InputFormatError(f"record {index}: turn {t} has no string 'value'")
         role = turn.get("from")
+        roles.append(role)
         if role == "human":
             human.append(_strip_image_mark(turn["value"]))
         elif role == "gpt":
@@ -95,7 +104,9 @@ def _llava_example(index: int, record: Any) -> tuple[str, Example]:
     image = image_field(record)
     if image is not None:
         check_relative_path(image)
-    return base, Example(index, base, image, "\n\n".join(human), "\n\n".join(gpt))
+    alternating = len(human) == len(gpt) and all(r == ("human", "gpt")[t % 2] for t, r in enumerate(roles))
+    pairs = tuple(zip(human, gpt, strict=True)) if alternating else ()
+    return base, Example(index, base, image, "\n\n".join(human), "\n\n".join(gpt), pairs)
 
 
 def _minigpt4_example(index: int, ann: Any, instruction: str, image_ext: str) -> tuple[str, Example]:

@@ -1,7 +1,7 @@
 """Quality scores of examples, computed once per example and cached.
 
-Four scorers share one shape (`Scorer`): `length` (here), `gpt` (selection.gpt_score), `reward`
-(selection.reward_score) and `clip` (selection.clip_score). `compute_scores` runs a scorer on the examples its cache
+Five scorers share one shape (`Scorer`): `length` (here), `gpt` (selection.gpt_score), `reward`
+(selection.reward_score), `clip` (selection.clip_score) and `mllm` (selection.mllm_score). `compute_scores` runs a scorer on the examples its cache
 does not hold and returns one `ScoreColumn`: a float value per example, NaN where scoring failed, with the failure
 reasons kept and counted; a failed score is never replaced by a default.
 """
@@ -23,7 +23,9 @@ from selection.records import Example
 
 log = logging.getLogger(__name__)
 
-SCORE_NAMES = ("clip", "length", "reward", "gpt")
+SCORE_NAMES = ("clip", "length", "reward", "gpt", "mllm")
+# scores computed by a local model; without its directory such a score is dropped (weight 0), see select.py
+MODEL_DIR_KEYS = {"clip": "clip.model_dir", "reward": "reward.model_dir", "mllm": "mllm.model_dir"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,10 @@ per example) -> image embeddings and clusters -> normalise and weight the scores
 by size and take the best examples of each -> write OUT/<input file name> (the subset, in the input's format),
 OUT/scores.csv, OUT/report.json and PNG plots.
 
+A score with a non-zero weight that needs a model (clip, reward, mllm) whose model_dir is not set is dropped:
+weight 0, listed with the reason in report.json's "dropped_scores" and on stdout. Dropping every weighted score is
+an error.
+
 An example is eligible unless a weighted score failed for it (failures are counted, never defaulted), it has no
 cluster (its image could not be read), or another record with the same instruction and answer scored higher
 (`dedupe_answers`). Text-only records form a group of their own; the CLIP score does not apply to them, so they
@@ -31,12 +35,13 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from llava_jax import cli
 from llava_jax.io import atomic_write_json
 from selection import allocate, report
 from selection.cluster import METHODS, cluster_embeddings, resolve_method
 from selection.combine import NORMALISATIONS, combine
 from selection.records import Dataset, load_dataset, write_subset
-from selection.scores import SCORE_NAMES, LengthScorer, ScoreColumn, Scorer, compute_scores
+from selection.scores import MODEL_DIR_KEYS, SCORE_NAMES, LengthScorer, ScoreColumn, Scorer, compute_scores
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         raise SelectionConfigError(f"cluster.method must be one of {METHODS}, got {config.cluster.method!r}")
     if int(config.cluster.k) < 1:
         raise SelectionConfigError(f"cluster.k must be >= 1, got {config.cluster.k}")
-    _active_weights(config)
+    resolve_weights(config)
 
 
 def _active_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -84,7 +89,29 @@ def _active_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
     return {name: w for name, w in weights.items() if w != 0.0}
 
 
-def _build_scorer(name: str, config: ml_collections.ConfigDict, cache_dir: Path, clip_scorer) -> Scorer:
+def _model_dir(config: ml_collections.ConfigDict, dotted: str) -> str:
+    section, key = dotted.split(".")
+    return str(config[section][key]) if section in config else ""
+
+
+def resolve_weights(config: ml_collections.ConfigDict) -> tuple[dict[str, float], dict[str, str]]:
+    """(the non-zero weights the selector uses, {score: reason} for weighted scores dropped because their model
+    directory is not set). With the random strategy both are empty; dropping every weighted score raises."""
+    if config.strategy != "score":
+        return {}, {}
+    requested = _active_weights(config)
+    dropped = {name: f"weight {w:g} but no --config.{MODEL_DIR_KEYS[name]}: not computed, weight 0"
+               for name, w in requested.items() if name in MODEL_DIR_KEYS
+               and not _model_dir(config, MODEL_DIR_KEYS[name])}
+    weights = {name: w for name, w in requested.items() if name not in dropped}
+    if requested and not weights:
+        needs = ", ".join(f"{name} needs --config.{MODEL_DIR_KEYS[name]}" for name in dropped)
+        raise SelectionConfigError(f"no weighted score can be computed: {needs}")
+    return weights, dropped
+
+
+def _build_scorer(name: str, config: ml_collections.ConfigDict, cache_dir: Path, clip_scorer,
+                  image_root: str = "") -> Scorer:
     if name == "length":
         return LengthScorer(config.length.unit, config.length.tokenizer_dir, config.length.dedupe_sentences)
     if name == "reward":
@@ -99,6 +126,12 @@ def _build_scorer(name: str, config: ml_collections.ConfigDict, cache_dir: Path,
         client["base_url"] = client.get("base_url") or None
         params = {"temperature": float(config.gpt.temperature), "max_tokens": int(config.gpt.max_tokens)}
         return GptScorer(client, cache_dir, params)
+    if name == "mllm":
+        from selection.mllm_score import MllmScorer
+
+        m = config.mllm
+        return MllmScorer(m.model_dir, image_root, m.batch_size, m.max_length, m.template, m.dtype,
+                          tuple(m.buckets), workers=m.workers)
     if name == "clip":
         if clip_scorer is None:
             raise SelectionConfigError("the clip score needs --config.clip.model_dir")
@@ -225,14 +258,16 @@ def run_selection(
         raise allocate.BudgetError(f"alpha={alpha} must be between 0 and the {n} usable examples")
     log.info("read %d %s records from %s", n, dataset.format, data)
 
-    weights = _active_weights(config) if config.strategy == "score" else {}
+    weights, dropped = resolve_weights(config)
+    for name, reason in dropped.items():
+        log.warning("score %s dropped: %s", name, reason)
     clip_scorer = _make_clip_scorer(config, str(image_root), cache_dir)
     columns: dict[str, ScoreColumn] = {}
     gpt_stats = None
     for name in SCORE_NAMES:
         if name not in weights:
             continue
-        scorer = _build_scorer(name, config, cache_dir, clip_scorer)
+        scorer = _build_scorer(name, config, cache_dir, clip_scorer, str(image_root))
         with _stage(f"score_{name}", timings):
             columns[name] = compute_scores(scorer, examples, cache_dir)
         if name == "gpt":
@@ -300,6 +335,7 @@ def run_selection(
         "eligible": int(eligible.sum()),
         "excluded": dict(Counter(r.split(":")[0] for r in reasons if r)),
         "weights": combined.weights,
+        "dropped_scores": dropped,
         "normalization": config.normalization,
         "clusters": {str(c): v for c, v in table.items()},
         "clustering": cluster_summary,
@@ -326,6 +362,8 @@ def main(argv: list[str]) -> None:
     result = run_selection(FLAGS.data, FLAGS.image_root, FLAGS.out, cfg, FLAGS.alpha)
     r = result.report
     print(f"selected {r['selected']} of {r['input']['records']} ({r['eligible']} eligible) -> {result.subset_path}")
+    for name, reason in r["dropped_scores"].items():
+        print(f"score {name} dropped: {reason}")
     if r["excluded"]:
         print(f"excluded: {r['excluded']}")
 
@@ -342,10 +380,8 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
     # absl spells the flag --image_root; accept the documented --image-root as well.
     sys.argv = [a.replace("--image-root", "--image_root", 1) if a.startswith("--image-root") else a
                 for a in sys.argv]
-    app.run(main)
+    cli.absl_run(main)
