@@ -15,7 +15,6 @@ counted in the log.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Any
 
 from data_gen import prompts
 from data_gen.context import load_contexts
+from llava_jax import cli
 from llava_jax.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def build(captions: str | os.PathLike, out: str | os.PathLike, seed: int = 0, al
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", required=True, help="COCO captions JSON or a two-column .tsv/.csv")
     parser.add_argument("--out", required=True, help="output JSON (CC3M chat.json layout)")
     parser.add_argument("--seed", type=int, default=0)
@@ -115,4 +115,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main))

@@ -33,6 +33,7 @@ from data_gen import prompts
 from data_gen.client import ChatClient, ChatRequest, ChatResult, ClientConfig, MissingAPIKeyError, RunHalted
 from data_gen.context import ContextError, ImageContext, format_context, load_contexts
 from data_gen.replies import ReplyFormatError, parse_reply, validator
+from llava_jax import cli
 from llava_jax.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -281,4 +282,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.absl_run(main)

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from llava_jax import checkpoint as ckpt  # noqa: E402
-from llava_jax import metrics, sharding, train_config  # noqa: E402
+from llava_jax import cli, metrics, sharding, train_config  # noqa: E402
 from llava_jax import train as T  # noqa: E402
 
 
@@ -327,7 +327,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "configs/finetune.py:7b", lock_config=True)
@@ -335,4 +335,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("json", "", "also write the figures to this JSON file")
     flags.DEFINE_bool("estimate_mfu", False, "also derive XLA's estimated MFU from three shallow unrolled compiles")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.absl_run(main)

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 
 from llava_jax import checkpoint as ckpt
-from llava_jax import host_memory, sharding
+from llava_jax import cli, host_memory, sharding
 from llava_jax import metrics as train_metrics
 from llava_jax.convert.clip_export import CLIP_RUN_KIND, save_hf_clip
 from llava_jax.data import clip_pairs
@@ -462,7 +462,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    cli.absl_run(main)

@@ -14,7 +14,6 @@ OUT/eval.json holds {"accuracy", "blind_accuracy", "chance", "n"}; OUT/demo.json
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_jax import cli
 from llava_jax.workflow import (  # noqa: F401  (build_model_dir, VISION, TEXT, VOCAB: re-exported for tests)
     TEXT,
     VISION,
@@ -70,7 +70,7 @@ def check_hf(hf_dir: Path, data_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llava_jax.demo", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m llava_jax.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output directory (data, model, stage1, stage2, hf)")
     p.add_argument("--num", type=int, default=4000, help="synthetic training images")
     p.add_argument("--num-eval", type=int, default=200, help="held-out questions")
@@ -83,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="extra --config.KEY=VALUE for stage 2 (repeatable)")
     p.add_argument("--fresh", action="store_true", help="delete OUT first (otherwise finished steps resume)")
     args = p.parse_args(argv)
+    for flag, values in (("--stage1-set", args.stage1_set), ("--stage2-set", args.stage2_set)):
+        for value in values:
+            if not value.partition("=")[0] or "=" not in value:
+                p.error(f"{flag} {value!r}: expected KEY=VALUE")
+    if args.num <= 0 or args.num_eval <= 0:
+        p.error("--num and --num-eval must be positive")
     from llava_jax import host_memory
 
     host_memory.retain_freed_memory()  # XLA:CPU: reuse freed pages (before JAX's backend starts)
@@ -150,4 +156,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

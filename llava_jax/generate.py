@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax import host_memory
+from llava_jax import cli, host_memory
 from llava_jax.models.llava import Llava
 
 BUCKET = 32
@@ -189,12 +189,10 @@ def stop_strings_of(template_name: str) -> tuple[str, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
     from llava_jax.convert.model_dir import load_model
     from llava_jax.data import images
 
-    p = argparse.ArgumentParser(prog="python -m llava_jax.generate", description="Answer a prompt about an image.")
+    p = cli.ArgumentParser(prog="python -m llava_jax.generate", description="Answer a prompt about an image.")
     p.add_argument("--model", required=True, help="HF LLaVA dir, llava_jax model dir, or training workdir")
     p.add_argument("--image", help="image file (omit for a text-only prompt)")
     p.add_argument("--prompt", required=True)
@@ -235,4 +233,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

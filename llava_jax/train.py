@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from llava_jax import checkpoint as ckpt
-from llava_jax import host_memory, sharding
+from llava_jax import cli, host_memory, sharding
 from llava_jax import metrics as train_metrics
 from llava_jax.loss import IGNORE_INDEX, llava_loss
 from llava_jax.train_config import ConfigError, check_attention_impl, dtype_of
@@ -613,8 +613,9 @@ def main(argv: list[str]) -> None:
     try:
         host_memory.retain_freed_memory(cfg.host_memory)  # before anything initialises JAX's backend
         summary = train(cfg, workdir)
-    except (TrainingDiverged, ConfigError, ckpt.CheckpointError, sharding.MeshConfigError,
-            SkipCeilingExceededError, DataFileError, host_memory.HostMemoryError) as e:
+    except (ConfigError, sharding.MeshConfigError, DataFileError, host_memory.HostMemoryError) as e:
+        sys.exit(cli.report(e))  # a bad config or data argument: exit code 2
+    except (TrainingDiverged, ckpt.CheckpointError, SkipCeilingExceededError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     info(f"done: {json.dumps(summary)}")
@@ -631,8 +632,6 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
-    app.run(main)
+    cli.absl_run(main)
 

@@ -18,7 +18,6 @@ arbitrary numbering.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -27,6 +26,7 @@ import warnings
 
 import numpy as np
 
+from llava_jax import cli
 from llava_jax.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def cluster_embeddings(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: clusters an .npy of embeddings [N, D] and writes the labels [N] int32 as .npy; prints a JSON summary."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--embeddings", required=True, help=".npy file with an [N, D] float array")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--out", required=True, help="where to write the labels (.npy, int32 [N])")
@@ -227,4 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    sys.exit(main())
+    sys.exit(cli.run(main))

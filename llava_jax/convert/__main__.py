@@ -14,6 +14,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from llava_jax import cli
+
 
 def _layers(text: str) -> int | tuple[int, ...]:
     parts = [int(x) for x in text.split(",")]
@@ -21,7 +23,7 @@ def _layers(text: str) -> int | tuple[int, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m llava_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("from-hf", help="HF LlavaForConditionalGeneration dir -> llava_jax model dir")
@@ -101,4 +103,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -12,7 +12,6 @@ TensorFlow is not needed).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import logging
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from llava_jax import cli
 from llava_jax.data import sources, validate
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def build(data: str, image_roots: Sequence[str], out: str, *, check_images: bool
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (see module docstring)."""
-    p = argparse.ArgumentParser(prog="python -m llava_jax.data.build", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m llava_jax.data.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="LLaVA JSON / JSONL or MiniGPT-4 filter_cap.json")
     p.add_argument("--image-root", action="append", default=[], help="image root (repeat or comma-separate)")
     p.add_argument("--out", required=True, help="output directory (TFDS data_dir)")
@@ -110,4 +110,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -32,7 +32,6 @@ Everything is a function of the seed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from llava_jax import cli
 from llava_jax import io as lio
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -425,7 +425,7 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (see module docstring)."""
-    p = argparse.ArgumentParser(prog="python -m llava_jax.data.synthetic", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m llava_jax.data.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=5000, help="training images")
     p.add_argument("--num-eval", type=int, default=500, help="held-out eval questions (one image each)")
@@ -458,4 +458,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

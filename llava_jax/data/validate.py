@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from llava_jax import cli
 from llava_jax.data import conversation, images, sources
 
 _ESTIMATE_TEMPLATE_OVERHEAD = 8  # BOS, role names and separators, at least
@@ -179,7 +180,7 @@ def validate_records(
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m llava_jax.data.validate", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m llava_jax.data.validate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="LLaVA JSON / JSONL file or MiniGPT-4 filter_cap.json")
     p.add_argument("--image-root", action="append", default=[], help="image root (repeat or comma-separate)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -201,8 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         roots = [os.path.dirname(os.path.abspath(args.data))]
     try:
         records = sources.load_records(args.data, seed=args.seed)
-    except (OSError, sources.DataFileError) as e:
-        reason = reason_of(e) if isinstance(e, sources.DataFileError) else "unreadable_data_file"
+    except OSError as e:  # a missing / unreadable --data file is a bad argument, not unusable records
+        return cli.report(cli.describe(e))
+    except sources.DataFileError as e:
+        reason = reason_of(e)
         if args.json:
             print(json.dumps({"total": 0, "ok": 0, "errors": {reason: 1},
                               "examples": {reason: [{"index": None, "message": str(e)}]}, "bad": []}))
@@ -237,4 +240,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

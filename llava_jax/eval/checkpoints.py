@@ -13,7 +13,6 @@ accuracy, per category) runs on that checkpoint and on the last one. Writes (def
 
 from __future__ import annotations
 
-import argparse
 import sys
 import types
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from typing import Any
 from flax import nnx
 
 from llava_jax import checkpoint as ckpt
+from llava_jax import cli
 from llava_jax.io import atomic_write_json, read_json
 
 
@@ -114,7 +114,7 @@ def _load_base(path: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (see the module docstring); a bad argument is one `error:` line and exit code 2."""
-    p = argparse.ArgumentParser(prog="python -m llava_jax.eval.checkpoints", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m llava_jax.eval.checkpoints", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--val", required=True, help="validation questions (JSONL)")
     p.add_argument("--eval", required=True, help="held-out questions (JSONL)")
@@ -148,4 +148,4 @@ def _fail(message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llava_jax import cli
 from llava_jax.eval import judge as judge_lib
 from llava_jax.eval.answers import EvalDataError, qid_key, read_answers, read_questions
 from llava_jax.eval.llava_bench import load_context
@@ -108,7 +109,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m llava_jax.eval.compare", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", required=True)
     parser.add_argument("--answers-a", required=True)
@@ -148,4 +149,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

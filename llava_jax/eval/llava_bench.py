@@ -24,6 +24,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llava_jax import cli
 from llava_jax.eval import judge as judge_lib
 from llava_jax.eval.answers import EvalDataError, qid_key, read_answers, read_questions, read_records
 from llava_jax.io import atomic_write_json, atomic_write_jsonl, read_jsonl
@@ -191,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     from llava_jax.eval import predict as predict_lib
 
-    parser = argparse.ArgumentParser(prog="python -m llava_jax.eval.llava_bench", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.llava_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="generate answers")
@@ -221,4 +222,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llava_jax import cli
 from llava_jax.eval.answers import EvalDataError, percent, qid_key, read_records
 from llava_jax.io import atomic_write_json
 
@@ -178,7 +179,7 @@ def score(labels: Mapping[tuple[str, str], str], answers: Sequence[Mapping[str, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m llava_jax.eval.pope", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.pope", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score an answers JSONL against POPE label files")
@@ -205,4 +206,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

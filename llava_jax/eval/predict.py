@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from llava_jax import host_memory
+from llava_jax import cli, host_memory
 from llava_jax.eval.answers import EvalDataError, answer_record, qid_key, read_answers, read_questions
 from llava_jax.io import atomic_write_jsonl
 
@@ -242,7 +242,7 @@ def run_predictions(items: Sequence[PromptItem], settings: PredictSettings, out_
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m llava_jax.eval.predict", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", required=True, help="JSONL of {question_id, image?, text, category?}")
     parser.add_argument("--image-root", default=None)
@@ -265,4 +265,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -50,6 +50,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llava_jax import cli
 from llava_jax.eval.answers import EvalDataError, percent, qid_key, read_answers
 from llava_jax.io import atomic_write_json, read_json
 
@@ -530,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llava_jax.eval import predict as predict_lib
     from llava_jax.eval import scienceqa_ensemble as ensemble_lib
 
-    parser = argparse.ArgumentParser(prog="python -m llava_jax.eval.scienceqa", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.scienceqa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="generate answers for a split")
@@ -579,4 +580,4 @@ def _build_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -29,6 +29,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from llava_jax import cli
 from llava_jax.eval.answers import EvalDataError, index_by_qid, percent, read_answers, read_records
 from llava_jax.io import atomic_write_json
 
@@ -180,7 +181,7 @@ def score(annotations: Mapping[str, Mapping[str, Any]], answers: Mapping[str, Ma
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m llava_jax.eval.vqa", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.vqa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="score an answers JSONL against annotations")
@@ -202,4 +203,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))
