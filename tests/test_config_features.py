@@ -11,6 +11,7 @@ arguments of jitted functions) and round-trip to the exact HF dict.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -104,6 +105,7 @@ def test_llama_config_with_rope_dict_and_eos_list_is_hashable_and_round_trips():
     assert type(back["rope_scaling"]) is dict and back["rope_scaling"] == LLAMA3_ROPE
     assert type(back["eos_token_id"]) is list and back["eos_token_id"] == [2, 5]
     assert LlamaConfig.from_hf(back) == cfg
+    assert copy.deepcopy(cfg) == cfg and dataclasses.replace(cfg, vocab_size=65).rope_scaling == cfg.rope_scaling
     # transformers v5's form: rope_parameters carrying rope_theta
     v5 = {k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}
     v5["rope_parameters"] = {**LLAMA3_ROPE, "rope_theta": 500000.0}
