@@ -143,6 +143,32 @@ def _make_score_fn(graphdef, chunk: int):
     return score_fn
 
 
+_SHARED: dict[tuple, tuple[Any, Any, Any]] = {}
+
+
+def _shared_model(model_dir: str, dtype: str, chunk: int) -> tuple[Any, Any, Any]:
+    """(LoadedModel, its parameter state, the jitted score function) for a model path, loaded once per process
+    while its files are unchanged, so repeated selections reuse the weights and compiled functions; only the most
+    recent model is kept."""
+    import json
+
+    from flax import nnx
+
+    from llava_jax.eval.predict import load_for_inference
+
+    key = (model_dir, dtype, chunk, json.dumps(model_fingerprint(model_dir), sort_keys=True))
+    if key not in _SHARED:
+        _SHARED.clear()
+        loaded = load_for_inference(model_dir, dtype)
+        if loaded.tokenizer is None:
+            raise FileNotFoundError(f"{model_dir} holds no tokenizer; the mllm score needs the model's")
+        if loaded.image_config is None:
+            raise FileNotFoundError(f"{model_dir} holds no image preprocessing config")
+        graphdef, state = nnx.split(loaded.model)
+        _SHARED[key] = (loaded, state, _make_score_fn(graphdef, chunk))
+    return _SHARED[key]
+
+
 @dataclasses.dataclass(frozen=True)
 class MllmDetail:
     """One example's parts of the score: mean answer log-probabilities with the image and with the blank image
@@ -203,17 +229,7 @@ class MllmScorer:
 
     def _load(self):
         if self._loaded is None:
-            from flax import nnx
-
-            from llava_jax.eval.predict import load_for_inference
-
-            self._loaded = load_for_inference(self.model_dir, self.dtype)
-            if self._loaded.tokenizer is None:
-                raise FileNotFoundError(f"{self.model_dir} holds no tokenizer; the mllm score needs the model's")
-            if self._loaded.image_config is None:
-                raise FileNotFoundError(f"{self.model_dir} holds no image preprocessing config")
-            graphdef, self._state = nnx.split(self._loaded.model)
-            self._fn = _make_score_fn(graphdef, self.chunk)
+            self._loaded, self._state, self._fn = _shared_model(self.model_dir, self.dtype, self.chunk)
         return self._loaded
 
     def _encode(self, examples: Sequence[Example]) -> tuple[dict[int, dict[str, Any]], dict[int, Failure]]:

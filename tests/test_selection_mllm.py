@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -171,10 +172,17 @@ def test_cache_hits_on_rerun_and_model_change_invalidates(world, tmp_path):
     # The untrained base model is another model: its scores are computed afresh and differ.
     base = compute_scores(_scorer(world, model=world["model"]), examples, tmp_path)
     assert base.computed == 6 and not np.allclose(base.values, first.values)
-    # A workdir's fingerprint follows its checkpoints (and the model it started from).
+    # A workdir's fingerprint follows its checkpoints by content (and the model it started from): a copy has the
+    # same checkpoints; a checkpoint written again (another run, same shapes and step) is another model.
     before = model_fingerprint(world["workdir"])
     assert before["checkpoints"] and before["base"]["files"]
-    assert model_fingerprint(world["workdir"]) == before
+    copy = tmp_path / "copy"
+    shutil.copytree(world["workdir"], copy)
+    assert model_fingerprint(copy)["checkpoints"] == before["checkpoints"]
+    meta = copy / "checkpoints" / str(STEPS) / "_CHECKPOINT_METADATA"
+    stamp = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**stamp, "commit_timestamp_nsecs": stamp["commit_timestamp_nsecs"] + 1}))
+    assert model_fingerprint(copy)["checkpoints"] != before["checkpoints"]
 
 
 def test_select_with_mllm_weight_and_dropped_without_model(world, tmp_path):
