@@ -90,10 +90,17 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     return 0 if code is None else int(code)
 
 
-def flag_error_message(exc: BaseException) -> str:
-    """One line for an error raised while absl parses flags. ml_collections puts the whole traceback of a
-    failing `get_config` into its message; only its head (which flag) and its last line (the error) are kept."""
+def flag_error_message(exc: BaseException, argv: Sequence[str] = ()) -> str:
+    """One line for an error raised while absl parses `argv`. ml_collections puts the whole traceback of a
+    failing `get_config` into its message; only its head (which flag) and its last line (the error) are kept.
+    A `--config.a.b=v` override of a field that does not exist is named."""
     text = str(exc)
+    if isinstance(exc, (AttributeError, KeyError)):
+        key = text.strip("\"' ")
+        names = [a.split("=", 1)[0] for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
+        hits = [n for n in names if key in n.lstrip("-").split(".")[1:]]
+        if hits:
+            return f"{hits[0]}: the config has no field {key!r}"
     if "Traceback (most recent call last)" in text:
         head = text.split("Traceback (most recent call last)")[0].strip().rstrip(":")
         lines = [x.strip() for x in text.splitlines() if x.strip()]
@@ -116,7 +123,7 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
     except (flags.Error, AttributeError, KeyError, TypeError, *USER_ERRORS) as e:
         if os.environ.get("LLAVA_JAX_TRACEBACK"):
             raise
-        report(flag_error_message(e))
+        report(flag_error_message(e, argv))
         raise SystemExit(EXIT_USAGE) from None
     for name in flags.FLAGS:
         value = flags.FLAGS[name].value

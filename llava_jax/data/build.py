@@ -103,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     roots = [r.strip() for item in args.image_root for r in item.split(",") if r.strip()]
     if not roots and args.data.endswith("filter_cap.json"):
         roots = [os.path.dirname(os.path.abspath(args.data))]
+    if not os.path.isfile(args.data):
+        p.error(f"--data {args.data}: no such file")
+    for root in roots:
+        if not os.path.isdir(root):
+            p.error(f"--image-root {root}: no such directory")
     result = build(args.data, roots, args.out, check_images=args.check_images, seed=args.seed,
                    overwrite=args.overwrite)
     print(json.dumps(result))
