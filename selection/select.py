@@ -130,8 +130,11 @@ def _build_scorer(name: str, config: ml_collections.ConfigDict, cache_dir: Path,
         from selection.mllm_score import MllmScorer
 
         m = config.mllm
-        return MllmScorer(m.model_dir, image_root, m.batch_size, m.max_length, m.template, m.dtype,
-                          tuple(m.buckets), workers=m.workers)
+        try:
+            return MllmScorer(m.model_dir, image_root, m.batch_size, m.max_length, m.template, m.dtype,
+                              tuple(m.buckets), workers=m.workers)
+        except (ValueError, FileNotFoundError) as e:
+            raise SelectionConfigError(str(e)) from e
     if name == "clip":
         if clip_scorer is None:
             raise SelectionConfigError("the clip score needs --config.clip.model_dir")

@@ -230,3 +230,9 @@ def test_select_with_mllm_weight_and_dropped_without_model(world, tmp_path):
     alone.cluster.k = 1
     with pytest.raises(SelectionConfigError, match="mllm.model_dir"):
         run_selection(data, world["images"], tmp_path / "none", alone, alpha=4)
+    alone.mllm.model_dir = str(tmp_path / "no_such_model")
+    with pytest.raises(SelectionConfigError, match="not found"):
+        run_selection(data, world["images"], tmp_path / "none", alone, alpha=4)
+    alone.mllm.model_dir, alone.mllm.dtype = str(world["workdir"]), "float16"
+    with pytest.raises(SelectionConfigError, match="mllm.dtype"):
+        run_selection(data, world["images"], tmp_path / "none", alone, alpha=4)
