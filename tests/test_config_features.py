@@ -253,7 +253,7 @@ def test_eval_predict_answers_as_transformers_decodes(case, image, tmp_path):
     loaded, tok = case.loaded, case.tok
     items = [PromptItem("q1", "Describe the image.", str(image)), PromptItem("q2", "Tell me a story.", None)]
     out = tmp_path / "answers.jsonl"
-    rows = run_predictions(items, PredictSettings(model=str(case.dir), batch_size=2, max_new_tokens=NEW_TOKENS),
+    rows = run_predictions(items, PredictSettings(model=str(case.dir), batch_size=1, max_new_tokens=NEW_TOKENS),
                            out, loaded=loaded)
     assert [r["question_id"] for r in rows] == ["q1", "q2"] and out.exists()
     template = conversation.get_template(loaded.template)
