@@ -108,13 +108,9 @@ class ClipEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Texts -> (input_ids [N, context] int32, attention_mask [N, context] int32), cut to the context."""
-        ids = np.full((len(texts), self.context), self.pad_id, np.int32)
-        mask = np.zeros((len(texts), self.context), np.int32)
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.context)["input_ids"]
-        for i, row in enumerate(encoded):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        return ids, mask
+        from llava_jax.data.clip_pairs import tokenize
+
+        return tokenize(self.tokenizer, texts, self.context)
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Token counts of texts without truncation."""
