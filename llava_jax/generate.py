@@ -164,12 +164,10 @@ def build_prompt_ids(loaded, prompt: str, with_image: bool, raw: bool = False) -
     cfg = loaded.config
     tok = loaded.tokenizer
     n, image_id = cfg.num_image_tokens, cfg.image_token_id
-    if raw:
-        ids = tok(prompt, add_special_tokens=True).input_ids
-        out: list[int] = []
-        for t in ids:
-            out.extend([image_id] * n if t == image_id else [t])
-        return out
+    if raw:  # as LLaVA's CLI: tokenizer_image_token over the whole text (DESIGN.md, tokenization rule)
+        if not with_image:
+            return list(tok(prompt.replace("<image>", ""), add_special_tokens=True).input_ids)
+        return [int(t) for t in conversation.tokenize_with_image(prompt, tok, n, image_id).ids]
     text = prompt
     if with_image and "<image>" not in text:
         text = "<image>\n" + text
