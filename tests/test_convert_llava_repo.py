@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 import jax.numpy as jnp  # noqa: E402
 
-from llava_jax import tiny  # noqa: E402
+from llava_jax import cli, tiny  # noqa: E402
 from llava_jax.convert.__main__ import main as convert_main  # noqa: E402
 from llava_jax.convert.llava_repo import read_projector_file  # noqa: E402
 from llava_jax.convert.model_dir import load_model, load_model_dir  # noqa: E402
@@ -222,7 +222,7 @@ def test_compose_with_stage1_projector_file(tmp_path, tokenizer, clip, fmt):
                       "--projector-weights", str(path), str(tmp_path / "bad")])
 
 
-def test_tampered_bin_is_refused_without_running_it(tmp_path, tokenizer, clip):
+def test_tampered_bin_is_refused_without_running_it(tmp_path, tokenizer, clip, capsys):
     clip_dir, _ = clip
     target = tmp_path / "payload-ran"
     evil = tmp_path / "mm_projector.bin"
@@ -241,9 +241,33 @@ def test_tampered_bin_is_refused_without_running_it(tmp_path, tokenizer, clip):
     state = torch.load(shard, weights_only=True)
     state[next(iter(state))] = _Payload(str(target))
     torch.save(state, shard)
+    argv = ["from-llava", str(src), "--vision", str(clip_dir), str(tmp_path / "out2")]
     with pytest.raises(UnsafeCheckpointError):
-        convert_main(["from-llava", str(src), "--vision", str(clip_dir), str(tmp_path / "out2")])
+        convert_main(argv)
+    # the command line: one error line, exit code 2
+    capsys.readouterr()
+    assert cli.run(convert_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "weights_only=True" in err
     assert not target.exists()
+
+
+def test_from_llava_uses_a_stored_vision_tower(tmp_path, tokenizer, clip):
+    """With unfreeze_mm_vision_tower LLaVA saves the tower as model.vision_tower.vision_tower.*, and those
+    weights (loaded over the CLIP directory's) are the ones the model runs."""
+    clip_dir, _ = clip
+    trained = tiny.make_hf_clip(None, seed=77).vision_model.state_dict()
+    src = tmp_path / "llava"
+    make_llava_repo_dir(src, tokenizer, clip_dir, seed=71, fmt="bin", unfreeze_mm_vision_tower=True)
+    tower = {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in trained.items()}
+    torch.save(tower, src / "pytorch_model-tower.bin")
+    index = json.loads((src / "pytorch_model.bin.index.json").read_text())
+    index["weight_map"].update({k: "pytorch_model-tower.bin" for k in tower})
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert convert_main(["from-llava", str(src), "--vision", str(clip_dir), str(tmp_path / "out")]) == 0
+    loaded = load_model_dir(tmp_path / "out")
+    np.testing.assert_array_equal(np.asarray(loaded.model.vision_tower.patch_embedding[...]),
+                                  trained["embeddings.patch_embedding.weight"].numpy().transpose(2, 3, 1, 0))
 
 
 @pytest.mark.parametrize("override, error, match", [
