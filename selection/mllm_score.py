@@ -4,7 +4,8 @@
 
 The record's real turns (`Example.dialogue()`) are teacher-forced through the model's conversation template with
 `llava_jax.data.conversation.encode`, so the scored tokens are exactly the supervised tokens of training: every
-assistant answer and its end separator. The blank image is the CLIP mean colour, which CLIP normalisation maps to
+assistant answer and its end separator. A single-turn template (stage 1's `plain`: image, then text) scores the
+record's answers joined into one text, as the clip score does. The blank image is the CLIP mean colour, which CLIP normalisation maps to
 zeros (`llava_jax.data.images.blank_image`, the same canvas the padding of a non-square image uses); it goes
 through the same vision tower and projector as the real image, so the difference measures what the image's
 content contributes. An answer that contradicts its image, or belongs to another image, scores low or negative;
@@ -89,10 +90,12 @@ def default_buckets(max_length: int) -> tuple[int, ...]:
     return (*out, int(max_length))
 
 
-def _conversation(example: Example) -> list[dict[str, str]]:
-    """LLaVA turns of an example with the image marker at the start of the first human turn."""
+def _conversation(example: Example, single_turn: bool = False) -> list[dict[str, str]]:
+    """LLaVA turns of an example with the image marker at the start of the first human turn; with `single_turn`
+    (templates such as stage 1's `plain`) one turn holding the joined instruction and answer."""
+    pairs = ((example.instruction, example.answer),) if single_turn else example.dialogue()
     turns: list[dict[str, str]] = []
-    for i, (question, answer) in enumerate(example.dialogue()):
+    for i, (question, answer) in enumerate(pairs):
         question = question.replace(IMAGE_MARK, "").strip()
         turns.append({"from": "human", "value": f"{IMAGE_MARK}\n{question}" if i == 0 else question})
         turns.append({"from": "gpt", "value": answer})
@@ -247,7 +250,8 @@ class MllmScorer:
                 failures[i] = Failure(TEXT_ONLY)
                 continue
             try:
-                enc = conversation.encode({"conversations": _conversation(ex)}, template, loaded.tokenizer,
+                turns = _conversation(ex, getattr(template, "single_turn_only", False))
+                enc = conversation.encode({"conversations": turns}, template, loaded.tokenizer,
                                           cfg.num_image_tokens, cfg.image_token_id, limit, has_image=True)
             except conversation.ConversationError as e:
                 failures[i] = Failure(f"{e.reason}: {e}")
