@@ -418,3 +418,24 @@ def test_tokenizer_without_offsets_is_a_named_error(toks):
         C.encode([{"from": "human", "value": "what"}, {"from": "gpt", "value": "red"}], "v1", NoOffsets(), N_IMG, 5,
                  has_image=False)
     assert info.value.reason == "tokenizer_without_offsets"
+
+
+@pytest.mark.parametrize("tok_name", ["legacy", "nonlegacy"])
+def test_generate_raw_prompt_follows_the_rule(toks, tok_name):
+    """`generate --raw` with the v1-rendered prompt gives the templated prompt's ids: LLaVA's CLI tokenizes a raw
+    prompt with tokenizer_image_token, so text after the image is a fresh call in both legacy modes."""
+    from types import SimpleNamespace
+
+    from llava_jax.generate import build_prompt_ids
+
+    tok = toks[tok_name]
+    image_id = _image_id(tok)
+    loaded = SimpleNamespace(tokenizer=tok, template="vicuna_v1",
+                             config=SimpleNamespace(num_image_tokens=N_IMG, image_token_id=image_id))
+    conv = [{"from": "human", "value": "<image>\nwhat shape is red"}, {"from": "gpt", "value": "a circle"},
+            {"from": "human", "value": "how many shapes are there"}]
+    text = C.render(C.normalize_turns(conv, True, allow_open_end=True), "vicuna_v1").text
+    raw = build_prompt_ids(loaded, text, with_image=True, raw=True)
+    assert raw == llava_tokenizer_image_token(text, tok, image_id, N_IMG)
+    assert raw == C.encode_prompt(conv, "vicuna_v1", tok, N_IMG, image_id, has_image=True)
+    assert raw.count(image_id) == N_IMG
