@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mllm.model_dir = ""  # what `llava_jax.generate --model` takes: HF LLaVA dir, model dir or training workdir
     c.mllm.batch_size = 8  # examples per jitted call (fixed: the last batch is filled)
     c.mllm.max_length = 2048  # tokens per example, image tokens included
-    c.mllm.template = ""  # conversation template; empty = the model's own (vicuna_v1 when it names none)
+    c.mllm.template = ""  # empty = the model's own (a workdir's training template, e.g. plain after stage 1)
     c.mllm.dtype = "auto"  # auto (bfloat16 on accelerators, float32 on CPU) | float32 | bfloat16
     c.mllm.buckets = ()  # padded sequence lengths; empty = powers of two from 64, and max_length
     c.mllm.workers = 4  # image decoding threads

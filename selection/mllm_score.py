@@ -81,6 +81,18 @@ def model_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ batching
 
 
+def trained_template(path: str | os.PathLike) -> str | None:
+    """The conversation template a training workdir was trained with (its run.json config), else None."""
+    from llava_jax import checkpoint
+    from llava_jax.io import read_json
+
+    if not checkpoint.is_workdir(path):
+        return None
+    data = read_json(Path(path) / checkpoint.RUN_FILE).get("config", {}).get("data", {})
+    template = data.get("template") if isinstance(data, dict) else None
+    return str(template) if template else None
+
+
 def default_buckets(max_length: int) -> tuple[int, ...]:
     """Powers of two from 64 below `max_length`, and `max_length` itself."""
     out, b = [], MIN_BUCKET
@@ -191,7 +203,8 @@ class MllmScorer:
       batch_size: examples per jitted call (the last batch is filled with repeats).
       max_length: token limit per example (image tokens included; longer conversations are cut, and one whose
         first answer would be cut entirely fails); also capped by the model's position limit.
-      template: conversation template name; empty = the model's own (vicuna_v1 when it names none).
+      template: conversation template name; empty = the model's own: a workdir's training template (stage 1:
+        plain), a model dir's stored one, vicuna_v1 when none is named.
       dtype: compute dtype, 'auto' (bfloat16 on accelerators, float32 on CPU), 'float32' or 'bfloat16'.
       buckets: padded sequence lengths (empty: `default_buckets(max_length)`).
       chunk: positions per vocabulary projection (bounds the [B, chunk, V] logits held at once).
@@ -241,7 +254,8 @@ class MllmScorer:
 
         loaded = self._load()
         cfg = loaded.config
-        template = conversation.get_template(self.template or loaded.template or "vicuna_v1")
+        template = conversation.get_template(self.template or trained_template(self.model_dir) or loaded.template
+                                              or "vicuna_v1")
         limit = min(self.max_length, int(cfg.text.max_position_embeddings))
         encoded: dict[int, dict[str, Any]] = {}
         failures: dict[int, Failure] = {}

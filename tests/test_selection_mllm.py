@@ -161,7 +161,7 @@ def load_dataset_from(world, records, name="extra.json"):
 
 
 def test_cache_hits_on_rerun_and_model_change_invalidates(world, tmp_path):
-    from selection.mllm_score import model_fingerprint
+    from selection.mllm_score import model_fingerprint, trained_template
 
     examples = _examples(world)[:6]
     first = compute_scores(_scorer(world), examples, tmp_path)
@@ -183,6 +183,12 @@ def test_cache_hits_on_rerun_and_model_change_invalidates(world, tmp_path):
     stamp = json.loads(meta.read_text())
     meta.write_text(json.dumps({**stamp, "commit_timestamp_nsecs": stamp["commit_timestamp_nsecs"] + 1}))
     assert model_fingerprint(copy)["checkpoints"] != before["checkpoints"]
+    # The default template of a workdir is the one it was trained with (stage 1: plain).
+    assert trained_template(world["workdir"]) == "vicuna_v1" and trained_template(world["model"]) is None
+    run = json.loads((copy / "run.json").read_text())
+    run["config"]["data"]["template"] = "plain"
+    (copy / "run.json").write_text(json.dumps(run))
+    assert trained_template(copy) == "plain"
 
 
 def test_select_with_mllm_weight_and_dropped_without_model(world, tmp_path):
