@@ -116,7 +116,8 @@ def _conversation(example: Example, single_turn: bool = False) -> list[dict[str,
 
 def _make_score_fn(graphdef, chunk: int):
     """The jitted scorer: (state, input_ids [B, T], labels [B, T], attention_mask [B, T], pixel_values
-    [B, S, S, 3], blank [S, S, 3]) -> (sum log p with the image [B], sum log p with the blank [B], count [B])."""
+    [B, S, S, 3], blank [S, S, 3]) -> (log p of each next token with the image [B, T - 1], the same with the blank
+    image [B, T - 1]); position t scores labels[:, t + 1] and is 0 where that label is ignored."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -124,9 +125,9 @@ def _make_score_fn(graphdef, chunk: int):
     from llava_jax.data.conversation import IGNORE_INDEX
     from llava_jax.loss import nll_sum
 
-    row_nll = jax.vmap(nll_sum)  # [B, C, V] logits, [B, C] targets -> [B] summed negative log-likelihoods
+    token_nll = jax.vmap(jax.vmap(nll_sum))  # [B, C, V] logits, [B, C] targets -> [B, C] (0 where ignored)
 
-    def answer_log_prob(model, hidden, targets):
+    def token_log_probs(model, hidden, targets):
         b, n, d = hidden.shape
         c = min(chunk, n)
         padded = -(-n // c) * c
@@ -134,26 +135,21 @@ def _make_score_fn(graphdef, chunk: int):
         targets = jnp.pad(targets, ((0, 0), (0, padded - n)), constant_values=IGNORE_INDEX)
         hs = jnp.moveaxis(hidden.reshape(b, padded // c, c, d), 1, 0)
         ts = jnp.moveaxis(targets.reshape(b, padded // c, c), 1, 0)
-
-        def body(total, piece):
-            h, t = piece
-            return total + row_nll(model.language_model.logits(h).astype(jnp.float32), t), None
-
-        total, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32), (hs, ts))
-        return -total
+        nll = jax.lax.map(lambda x: token_nll(model.language_model.logits(x[0]).astype(jnp.float32), x[1]),
+                          (hs, ts))  # [P/C, B, C]
+        return -jnp.moveaxis(nll, 0, 1).reshape(b, padded)[:, :n]
 
     @jax.jit
     def score_fn(state, input_ids, labels, attention_mask, pixel_values, blank):
         model = nnx.merge(graphdef, state)
         feats = model.image_features(pixel_values)
         blank_feats = jnp.broadcast_to(model.image_features(blank[None]), feats.shape)
-        targets = labels[:, 1:]
-        sums = []
+        out = []
         for f in (feats, blank_feats):
             embeds = model.merge(input_ids, f)
             hidden, _ = model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, return_hidden=True)
-            sums.append(answer_log_prob(model, hidden[:, :-1], targets))
-        return sums[0], sums[1], (targets != IGNORE_INDEX).sum(axis=1)
+            out.append(token_log_probs(model, hidden[:, :-1], labels[:, 1:]))
+        return out[0], out[1]
 
     return score_fn
 
@@ -187,11 +183,17 @@ def _shared_model(model_dir: str, dtype: str, chunk: int) -> tuple[Any, Any, Any
 @dataclasses.dataclass(frozen=True)
 class MllmDetail:
     """One example's parts of the score: mean answer log-probabilities with the image and with the blank image
-    (nats per token) and the number of answer tokens scored."""
+    (nats per token), the number of answer tokens scored, and each answer's mean gain (image minus blank)."""
 
     with_image: float
     with_blank: float
     tokens: int
+    turn_gains: tuple[float, ...] = ()
+
+    @property
+    def gain(self) -> float:
+        """The score: mean log-probability gain over all answer tokens."""
+        return self.with_image - self.with_blank
 
 
 class MllmScorer:
@@ -290,6 +292,7 @@ class MllmScorer:
         if not examples:
             return []
         from llava_jax.data import images
+        from llava_jax.data.conversation import supervised_spans
         from llava_jax.data.pipeline import collate
 
         encoded, failures = self._encode(examples)
@@ -316,14 +319,16 @@ class MllmScorer:
             samples = [r for _, r in rows]
             samples += [samples[-1]] * (self.batch_size - len(samples))
             b = collate(samples, buckets, pad_id)
-            with_image, with_blank, count = (np.asarray(x) for x in self._fn(
+            with_image, with_blank = (np.asarray(x, np.float64) for x in self._fn(
                 self._state, b["input_ids"], b["labels"], b["attention_mask"], b["pixel_values"], blank))
             for row, (i, _) in enumerate(rows):
-                n = int(count[row])
+                spans = supervised_spans(b["labels"][row, 1:])
+                n = sum(end - start for start, end in spans)
                 if n == 0:
                     results[i] = Failure("no_answer_tokens: nothing to score after truncation")
                     continue
-                detail = MllmDetail(float(with_image[row]) / n, float(with_blank[row]) / n, n)
+                gains = tuple(float(np.mean(with_image[row, s:e] - with_blank[row, s:e])) for s, e in spans)
+                detail = MllmDetail(float(with_image[row].sum()) / n, float(with_blank[row].sum()) / n, n, gains)
                 self.details[examples[i].key] = detail
-                results[i] = detail.with_image - detail.with_blank
+                results[i] = detail.gain
         return [results[i] for i in range(len(examples))]

@@ -134,6 +134,8 @@ def test_matching_answer_scores_higher_than_contradicting(world):
     one = [detail[ex.key].tokens for ex in examples if len(ex.dialogue()) == 1]
     two = [detail[ex.key].tokens for ex in examples if len(ex.dialogue()) == 2]
     assert one and two and min(two) > max(one)
+    assert all(len(detail[ex.key].turn_gains) == len(ex.dialogue()) for ex in examples)
+    assert all(values[k] == pytest.approx(d.gain) for k, d in detail.items())
 
 
 def test_batched_equals_one_by_one_and_failures(world):
@@ -147,11 +149,41 @@ def test_batched_equals_one_by_one_and_failures(world):
     np.testing.assert_allclose(batched[:7], one_by_one, rtol=1e-4, atol=1e-4)
     assert isinstance(batched[7], Failure) and batched[7].reason.startswith("text_only")
     assert isinstance(batched[8], Failure) and batched[8].reason.startswith("image_unreadable")
+    # Against the trainer's loss on the same tokens: the summed answer log-probabilities with the image, and with
+    # the blank image as the image, are minus its summed cross entropy.
+    scorer = _scorer(world, batch_size=4)
+    scorer.score(examples[:2])
+    check_against_training_loss(scorer, examples[:2])
     # A single-turn template (stage 1's plain) scores a two-turn record's answers joined into one text.
     plain = _scorer(world, template="plain")
     two_turn = [ex for ex in examples if len(ex.dialogue()) == 2][:2]
     assert two_turn and all(isinstance(v, float) for v in plain.score(two_turn))
     assert all(plain.details[ex.key].tokens > len(ex.answer.split()) for ex in two_turn)
+
+
+def check_against_training_loss(scorer, examples):
+    import jax.numpy as jnp
+
+    from llava_jax.data import conversation, images
+    from llava_jax.data.pipeline import collate
+    from llava_jax.loss import llava_loss
+    from selection.mllm_score import _conversation
+
+    loaded = scorer._load()
+    cfg = loaded.config
+    for ex in examples:
+        enc = conversation.encode({"conversations": _conversation(ex)}, "vicuna_v1", loaded.tokenizer,
+                                  cfg.num_image_tokens, cfg.image_token_id, 96, has_image=True)
+        pixels = images.load_and_preprocess(scorer.image_root / ex.image, loaded.image_config)
+        detail = scorer.details[ex.key]
+        for image, mean_log_prob in ((pixels, detail.with_image), (images.blank_image(loaded.image_config),
+                                                                   detail.with_blank)):
+            batch = collate([{"input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": image,
+                              "has_image": True}], (96,), loaded.tokenizer.pad_token_id)
+            total, count = llava_loss(loaded.model, {k: jnp.asarray(v) for k, v in batch.items()},
+                                      budget_fraction=None)
+            assert int(count) == detail.tokens
+            assert -float(total) / float(count) == pytest.approx(mean_log_prob, abs=1e-4)
 
 
 def load_dataset_from(world, records, name="extra.json"):
