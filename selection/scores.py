@@ -1,9 +1,9 @@
 """Quality scores of examples, computed once per example and cached.
 
 Five scorers share one shape (`Scorer`): `length` (here), `gpt` (selection.gpt_score), `reward`
-(selection.reward_score), `clip` (selection.clip_score) and `mllm` (selection.mllm_score). `compute_scores` runs a scorer on the examples its cache
-does not hold and returns one `ScoreColumn`: a float value per example, NaN where scoring failed, with the failure
-reasons kept and counted; a failed score is never replaced by a default.
+(selection.reward_score), `clip` (selection.clip_score) and `mllm` (selection.mllm_score). `compute_scores` runs
+a scorer on the examples its cache does not hold and returns one `ScoreColumn`: a float value per example, NaN
+where scoring failed, with the failure reasons kept and counted; a failed score is never replaced by a default.
 """
 
 from __future__ import annotations
