@@ -307,9 +307,9 @@ class MllmScorer:
         steps = range(0, len(order), self.batch_size)
         for start in tqdm(steps, desc="mllm score", unit="batch", disable=len(steps) < 2):
             batch = order[start : start + self.batch_size]
-            loaded = self._pixels([str(self.image_root / examples[i].image) for i in batch])
+            pixels = self._pixels([str(self.image_root / examples[i].image) for i in batch])
             rows = []
-            for i, item in zip(batch, loaded, strict=True):
+            for i, item in zip(batch, pixels, strict=True):
                 if isinstance(item, Exception):
                     results[i] = Failure(f"image_unreadable: {type(item).__name__}: {item}")
                 else:
@@ -323,7 +323,7 @@ class MllmScorer:
                 self._state, b["input_ids"], b["labels"], b["attention_mask"], b["pixel_values"], blank))
             for row, (i, _) in enumerate(rows):
                 spans = supervised_spans(b["labels"][row, 1:])
-                n = sum(end - start for start, end in spans)
+                n = sum(e - s for s, e in spans)
                 if n == 0:
                     results[i] = Failure("no_answer_tokens: nothing to score after truncation")
                     continue
