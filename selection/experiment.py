@@ -374,9 +374,10 @@ class Experiment:
         c.seed = int(seed)
         c.cache_dir = str(self.out / "select" / f"noise{fmt_share(noise)}" / "cache")
         c.plots = kind == "select"
-        c.clip.model_dir = str(self.clip_dir)
+        scored = kind != "random"  # the random strategy reads no model
+        c.clip.model_dir = str(self.clip_dir) if scored else ""
         if "mllm" in c:
-            c.mllm.model_dir = self.mllm_dir
+            c.mllm.model_dir = self.mllm_dir if scored else ""
         c.reward.model_dir = str(self.cfg.reward.model_dir)
         if self.cfg.judge.base_url:
             c.gpt.client.base_url = str(self.cfg.judge.base_url)
