@@ -120,6 +120,7 @@ def run(cmd: Sequence[str], log_path: Path, *, echo: bool = True, env: Mapping[s
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
+            log.flush()  # the log shows progress while the step runs
             if echo and not _chatter(line):
                 sys.stdout.write(line)
                 sys.stdout.flush()

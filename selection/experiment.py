@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from llava_jax import cli, workflow
-from llava_jax.io import atomic_write_json, read_json
+from llava_jax.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from selection import experiment_report as report
 
 log = logging.getLogger(__name__)
@@ -350,8 +350,10 @@ class Experiment:
             self.say(f"CLIP: contrastive training -> {work}")
             t = time.time()
             cmd = [sys.executable, "-m", "llava_jax.clip_train", f"--config={CLIP_CONFIG_FILE}:synthetic",
-                   f"--workdir={work / 'train'}", f"--config.data.captions={data / 'coco' / 'captions.json'}",
-                   f"--config.data.image_root={data / 'images'}", f"--config.seed={self.cfg.seed}"]
+                   f"--workdir={work / 'train'}",
+                   # short captions and the detailed descriptions (MiniGPT-4 layout) of the clean scenes
+                   f"--config.data.captions={data / 'coco' / 'captions.json'},{data / 'cc_sbu_align' / 'filter_cap.json'}",
+                   f"--config.data.image_root={data / 'images'},{data / 'cc_sbu_align'}", f"--config.seed={self.cfg.seed}"]
             if int(self.cfg.clip.steps):
                 cmd.append(f"--config.max_steps={int(self.cfg.clip.steps)}")
             cmd += [f"--config.{kv}" for kv in self.cfg.clip.set]
@@ -490,8 +492,38 @@ class Experiment:
         for arm in self.plan.arms:
             results[self.arm_key(arm)] = self.run_arm(arm)
             self.write_report(results, clip_eval, time.time() - t0)
+        judged = self.judge(results)
+        if judged:
+            self.write_report(results, clip_eval, time.time() - t0)
         self.say(f"done in {time.time() - t0:.0f}s -> {self.out / 'RESULTS.md'}")
         return read_json(self.out / "results.json")
+
+    def judge(self, results: dict[str, dict[str, Any]]) -> bool:
+        """With a judge server: the select arm's held-out replies against the full arm's, judged pairwise in both
+        orders (`llava_jax.eval.compare`; the judge is told each question's answer) -> OUT/judge/summary.json.
+        Returns whether a judgment exists."""
+        out = self.out / "judge"
+        if not self.cfg.judge.base_url or not {"select", "full"} <= set(results):
+            return False
+        if not _done(out / "summary.json"):
+            data = self.data_dir(self.main_noise)
+            questions = data / "eval.jsonl"
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("select", "full"):
+                arm = next(a for a in self.plan.arms if a.name == name and a.noise == self.main_noise)
+                replies = self.evaluator.answers(self.arm_dir(arm) / "train", int(results[name]["best_step"]),
+                                                 questions, image_root=data / "images")
+                atomic_write_jsonl(out / f"{name}.jsonl", replies)
+            context = [{"image": q["image"], "caption": f"The correct answer is: {q['answer']} "
+                        f"(choices: {', '.join(q.get('choices') or [])})."} for q in read_jsonl(questions)]
+            atomic_write_jsonl(out / "context.jsonl", context)
+            self.say("judge: select vs full, both orders")
+            workflow.run([sys.executable, "-m", "llava_jax.eval.compare", "--questions", str(questions),
+                          "--answers-a", str(out / "select.jsonl"), "--answers-b", str(out / "full.jsonl"),
+                          "--context", str(out / "context.jsonl"), "--out", str(out),
+                          "--judge-base-url", str(self.cfg.judge.base_url), "--judge-model", str(self.cfg.judge.model),
+                          "--judge-api-key-env", str(self.cfg.judge.api_key_env)], self.out / "judge.log", echo=False)
+        return True
 
     def arm_key(self, arm: Arm) -> str:
         return arm.name if arm.noise == self.main_noise else f"{arm.name}~noise{fmt_share(arm.noise)}"
@@ -507,11 +539,13 @@ class Experiment:
             if csv_path.is_file():
                 scores[fmt_share(noise)] = report.score_detection(csv_path, report.read_labels(self.data_dir(noise)))
         meta = read_json(self.data_dir(self.main_noise) / "meta.json")
+        judge_path = self.out / "judge" / "summary.json"
+        judged = read_json(judge_path) if judge_path.is_file() else None
         doc = report.assemble(
             results, main_noise=self.main_noise, noise_levels=self.plan.noise_levels, budgets=self.plan.budgets,
             scores=scores, left_out=self.plan.left_out, clip_eval=clip_eval, data_meta=meta,
             settings=json.loads(self.cfg.to_json_best_effort()), elapsed_s=elapsed,
-            planned=[self.arm_key(a) for a in self.plan.arms])
+            planned=[self.arm_key(a) for a in self.plan.arms], judge=judged)
         atomic_write_json(self.out / "results.json", doc)
         report.write_markdown(self.out / "RESULTS.md", doc)
         report.plot(self.out, doc)

@@ -175,9 +175,10 @@ def check_claims(arms: Mapping[str, Mapping[str, Any]], budgets: Sequence[float]
 def assemble(results: Mapping[str, Mapping[str, Any]], *, main_noise: float, noise_levels: Sequence[float],
              budgets: Sequence[float], scores: Mapping[str, Any], left_out: Mapping[str, str],
              clip_eval: Mapping[str, Any], data_meta: Mapping[str, Any], settings: Mapping[str, Any],
-             elapsed_s: float, planned: Sequence[str]) -> dict[str, Any]:
+             elapsed_s: float, planned: Sequence[str], judge: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """results.json: {"arms": main-level arms by results name, "sweep": {noise: arms}, "runs": every run,
-    "scores", "claims", "left_out", "clip", "data", "settings", "pending", "elapsed_s"}."""
+    "scores", "claims", "judge" (select vs full, pairwise, when judged), "left_out", "clip", "data", "settings",
+    "pending", "elapsed_s"}."""
     per_level: dict[str, dict[str, Mapping[str, Any]]] = {}
     for name, r in results.items():
         per_level.setdefault(f"{r['noise']:g}", {})[name.split("~")[0]] = r
@@ -194,6 +195,7 @@ def assemble(results: Mapping[str, Mapping[str, Any]], *, main_noise: float, noi
         "scores": dict(scores),
         "claims": check_claims(arms, budgets, input_bad),
         "noise": main_noise, "noise_levels": list(noise_levels), "budgets": list(budgets),
+        "judge": {k: judge[k] for k in ("overall", "judge_model") if k in judge} if judge else None,
         "left_out": dict(left_out), "clip": dict(clip_eval),
         "data": {k: data_meta.get(k) for k in ("num_train_images", "stage2_records", "num_eval", "num_val", "noise",
                                                "chance")},
@@ -286,6 +288,11 @@ def write_markdown(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
             lines.append(f"| {level} | " + " | ".join(_acc(arms[n]["accuracy"]) if n in arms else "-" for n in names)
                          + " |")
         lines.append("")
+    if doc.get("judge"):
+        o = doc["judge"]["overall"]
+        lines += ["## Pairwise judge: select vs full (both orders)", "",
+                  f"{o.get('wins')} win / {o.get('ties')} tie / {o.get('losses')} lose ({o.get('failed')} failed); "
+                  f"win score {o.get('win_score')} (judge {doc['judge'].get('judge_model')}).", ""]
     if doc.get("left_out"):
         lines += ["## Left out", ""] + [f"- {k}: {v}" for k, v in doc["left_out"].items()] + [""]
     clip = doc.get("clip") or {}

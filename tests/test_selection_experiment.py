@@ -177,3 +177,21 @@ def test_tiny_experiment_with_the_selector(tmp_path):
     # The selector never sees the labels: its inputs are the noisy set and the images.
     report = json.loads((out / "select" / "noise0.5" / "select" / "report.json").read_text())
     assert report["input"]["path"].endswith("stage2.json") and "noise_labels" not in json.dumps(report)
+
+
+@pytest.mark.slow
+def test_tiny_experiment_with_a_judge_server(tmp_path, monkeypatch):
+    """With a judge server the gpt score joins the selector and select vs full is judged in both orders."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from openai_server import LocalOpenAIServer, Reply, chat_completion
+
+    monkeypatch.setenv("TEST_JUDGE_KEY", "k")
+    with LocalOpenAIServer(lambda req, n: Reply(body=chat_completion("7 5\nScore: 70"))) as server:
+        cfg = _cfg(arms="full,select")
+        cfg.judge.base_url = server.base_url
+        cfg.judge.api_key_env = "TEST_JUDGE_KEY"
+        doc = ex.Experiment(cfg, tmp_path / "exp", echo=False).run()
+        assert len(server.requests) > 40  # a gpt rating per record, then the judge (identical requests answered once)
+    assert doc["judge"]["overall"]["n"] == 6 and doc["judge"]["overall"]["ties"] == 6  # the same scores in both orders
+    assert "gpt" in doc["scores"]["0.5"]["auroc"] and "gpt" not in doc["left_out"]
+    assert "Pairwise judge" in (tmp_path / "exp" / "RESULTS.md").read_text()

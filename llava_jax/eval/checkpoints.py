@@ -91,6 +91,17 @@ class CheckpointEvaluator:
         return {"validation": {str(s): a for s, a in validation.items()}, "best_step": best, "final_step": final,
                 "best": results[best], "final": results[final]}
 
+    def answers(self, workdir: str | Path, step: int, questions_file: str | Path, *,
+                image_root: str | Path | None = None) -> list[dict]:
+        """Greedy replies of checkpoint `step` to a questions JSONL: [{"question_id", "text", "correct"}]."""
+        from llava_jax.eval.heldout import evaluate_heldout
+
+        loaded, template = self._load(Path(workdir), step)
+        replies: list[dict] = []
+        evaluate_heldout(loaded.model, loaded, self._eval_cfg(questions_file, image_root, 0), template=template,
+                         blind=False, replies=replies)
+        return replies
+
 
 def checkpoint_steps(workdir: str | Path) -> list[int]:
     """The finished checkpoint steps of a training workdir, oldest first (empty when there are none)."""

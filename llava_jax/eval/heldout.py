@@ -23,13 +23,15 @@ class EmptyEvalFileError(ValueError):
     """The held-out file holds no questions."""
 
 
-def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str, blind: bool = True) -> dict:
+def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str, blind: bool = True,
+                     replies: list[dict] | None = None) -> dict:
     """Greedy answers to a held-out JSONL (question_id, image, text, answer, choices), with the image and blind.
 
     A reply is correct when it names the answer and no other choice (`synthetic.score_answer`).
     Blind = the same questions with the image replaced by a blank (mean-colour) one; `blind=False` skips
     that pass (half the cost, e.g. for picking a checkpoint on a validation split) and the summary then has
-    no blind_accuracy. Returns `heldout_summary` of the replies.
+    no blind_accuracy. A `replies` list receives {"question_id", "text", "correct"} per question (with the
+    image), e.g. for an answers file. Returns `heldout_summary` of the replies.
     """
     rows = read_jsonl(eval_cfg.file)
     if eval_cfg.limit and eval_cfg.limit > 0:
@@ -58,6 +60,8 @@ def evaluate_heldout(model: Any, loaded: Any, eval_cfg: Any, *, template: str, b
             for r, ids in zip(chunk, out, strict=True):
                 text = tok.decode(ids, skip_special_tokens=True)
                 correct[name].append(score_answer(text, {"answer": r["answer"], "choices": r.get("choices") or []}))
+                if replies is not None and name == "image":
+                    replies.append({"question_id": r["question_id"], "text": text, "correct": correct[name][-1]})
     return heldout_summary(rows, correct["image"], correct["blind"] if blind else None)
 
 
