@@ -1,13 +1,16 @@
 """Contrastive CLIP training (llava_jax.clip_train): both towers, symmetric InfoNCE, learned temperature.
 
     python -m llava_jax.clip_train --config=configs/clip.py:synthetic --workdir=runs/clip \
-        --config.data.captions=runs/demo/data/coco/captions.json --config.data.image_root=runs/demo/data/images
+        --config.data.captions=DATA/coco/captions.json,DATA/cc_sbu_align/filter_cap.json \
+        --config.data.image_root=DATA/images,DATA/cc_sbu_align
     python -m llava_jax.convert clip-to-hf runs/clip runs/clip/hf     # -> selection --config.clip.model_dir
 
 Variants:
-  synthetic  tiny towers for the bundled synthetic world (32 px images in 8 px patches, a 64-token text context,
-             a CLIP-style BPE trained on the training captions), sized to reach high held-out retrieval in a few
-             minutes on a 2-core CPU.
+  synthetic  tiny towers for the bundled synthetic world (32 px images in 8 px patches, a 96-token text context
+             that holds the longest detailed description, a CLIP-style BPE trained on the training captions), sized
+             to reach high held-out retrieval in a few minutes on a 2-core CPU (500 steps of 128 pairs). Training on
+             the detailed descriptions as well as the short captions makes the CLIP score of instruction answers
+             sharper (measured on a 50%-noise set: AUROC of bad records 0.695 -> 0.726; swapped images 0.83 -> 0.88).
   vit_l14    fine-tune openai/clip-vit-large-patch14 on a user's own image-caption pairs: set
              --config.init_from=CLIP_DIR (a local HF CLIPModel directory); its tokenizer and preprocessing are used.
 Every value can be overridden with --config.key=value.
@@ -44,8 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tokenizer_vocab = 1024  # BPE trainer target of a random init's tokenizer
 
     c.data = ml_collections.ConfigDict()
-    c.data.captions = ""  # COCO captions JSON, or LLaVA stage-1 / MiniGPT-4 JSON (first answer = caption)
-    c.data.image_root = ""
+    # COCO captions JSON, or LLaVA stage-1 / MiniGPT-4 JSON (first answer = caption); several: comma-separated
+    c.data.captions = ""
+    c.data.image_root = ""  # one root, or one per captions file (comma-separated)
     c.data.num_holdout = 500  # images held out for the retrieval evaluation (drawn by split_seed)
     c.data.split_seed = 0
     c.data.aspect = "crop"  # CLIP's own preprocessing; 'pad' pastes onto a square first (LLaVA-1.5)
@@ -107,10 +111,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             patch_size=8, hidden_act="quick_gelu"))
         c.model.text = ml_collections.ConfigDict(dict(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, hidden_act="quick_gelu"))
+            max_position_embeddings=96, hidden_act="quick_gelu"))
         c.model.projection_dim = 64
-        c.data.captions = "runs/demo/data/coco/captions.json"
-        c.data.image_root = "runs/demo/data/images"
+        # the 5 COCO-style captions and the MiniGPT-4-style detailed description of every image
+        c.data.captions = "runs/demo/data/coco/captions.json,runs/demo/data/cc_sbu_align/filter_cap.json"
+        c.data.image_root = "runs/demo/data/images,runs/demo/data/cc_sbu_align"
         c.data.num_holdout = 200
         c.data.cache_images = True
         c.batch_size = 128

@@ -294,7 +294,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]
                           f"and {jax.process_count()} processes")
 
     banner("data")
-    pairs = clip_pairs.read_pairs(cfg.data.captions)
+    pairs = clip_pairs.read_sources(cfg.data.captions, cfg.data.image_root)
     train_pairs, held = clip_pairs.split_holdout(pairs, cfg.data.num_holdout, cfg.data.split_seed)
     total_steps = total_steps_for(cfg, len(train_pairs))
     info(f"{cfg.data.captions}: {len(pairs)} images, {sum(len(p.captions) for p in pairs)} captions; "
@@ -311,7 +311,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]
          f"{time.time() - t0:.1f}s: {count_params(nnx.state(model, nnx.Param)):,} parameters; vision "
          f"{v.num_hidden_layers}x{v.hidden_size} at {v.image_size}px/{v.patch_size}, text {t.num_hidden_layers}x"
          f"{t.hidden_size} over {t.vocab_size} tokens (context {context}), projection {model.projection_dim}")
-    loader = clip_pairs.ImageLoader(cfg.data.image_root, image_config, cfg.data.workers, cfg.data.cache_images)
+    loader = clip_pairs.ImageLoader("", image_config, cfg.data.workers, cfg.data.cache_images)
     train_iter = clip_pairs.PairBatches(train_pairs, loader, tokenizer, context, cfg.batch_size, cfg.seed,
                                         jax.process_index(), jax.process_count())
 

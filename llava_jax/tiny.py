@@ -88,47 +88,71 @@ def build_tokenizer(
 
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
-# CLIP's word split (contractions, letter runs, single digits, punctuation runs); transformers' CLIPTokenizer uses it too
-_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
 
 
 def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1024, out_dir: str | os.PathLike | None = None):
-    """Trains a CLIP-style byte-level BPE offline and returns it as a transformers `CLIPTokenizer`.
+    """Learns a CLIP-style byte-level BPE offline and returns it as a transformers `CLIPTokenizer`.
 
-    The pipeline is CLIP's (NFC, whitespace squeezed, lower case, CLIP's word split, byte-level symbols, "</w>"
-    marking a word's last symbol), so `CLIPTokenizer` / `CLIPProcessor` load the saved files as they load
-    openai/clip-*. Layout of the ids: the 256 byte symbols, the same with "</w>", the learned merges, then
-    `<|startoftext|>` and `<|endoftext|>` last (the highest ids, as in CLIP; `<|endoftext|>` is also the pad and
-    unknown token). Every text becomes [bos, ..., eos]; no byte is ever unknown.
+    Words are cut by transformers' own CLIPTokenizer pipeline (NFC, whitespace squeezed, lower case, CLIP's word
+    split, byte-level symbols, "</w>" on a word's last symbol), so `CLIPTokenizer` / `CLIPProcessor` load the
+    saved files as they load openai/clip-*. Merges are learned by plain BPE: repeatedly the most frequent
+    adjacent pair (ties broken by the symbols' order, so the result is a function of the texts alone -- the
+    `tokenizers` trainer breaks ties differently from run to run), until `vocab_size` or no pair occurs twice.
+    Cost: one pass over the distinct words per merge (seconds for a caption vocabulary of a few thousand words).
+
+    Layout of the ids: the 256 byte symbols, the same with "</w>", the merges in order, then `<|startoftext|>` and
+    `<|endoftext|>` (the highest ids, as in CLIP; `<|endoftext|>` is also the pad and unknown token). Every text
+    becomes [bos, ..., eos]; no byte is ever unknown.
 
     Args:
       texts: training texts (captions).
-      vocab_size: target vocabulary of the BPE trainer (the result has at most this + 514 entries; a small
-        caption vocabulary learns fewer merges).
+      vocab_size: vocabulary size before the two special tokens (at least 512: the byte symbols).
       out_dir: if given, the tokenizer is saved there with `save_pretrained`.
     Returns:
       a `transformers.CLIPTokenizer`.
     """
-    import json
+    from collections import Counter
 
-    from tokenizers import Regex
     from transformers import CLIPTokenizer
 
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, initial_alphabet=alphabet,
-                                  end_of_word_suffix="</w>", continuing_subword_prefix="")
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    learned = json.loads(tok.to_str())["model"]
-    vocab = {s: i for i, s in enumerate(alphabet + [a + "</w>" for a in alphabet])}
-    for symbol, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
-        vocab.setdefault(symbol, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    base = alphabet + [a + "</w>" for a in alphabet]
+    pipeline = CLIPTokenizer(vocab={CLIP_BOS: 0, CLIP_EOS: 1}, merges=[]).backend_tokenizer
+    chunks = Counter(chunk for text in texts for chunk in text.split())  # no word spans whitespace
+    pieces: Counter = Counter()
+    for chunk, n in chunks.items():
+        for piece, _ in pipeline.pre_tokenizer.pre_tokenize_str(pipeline.normalizer.normalize_str(chunk)):
+            pieces[piece] += n
+    words = [[list(w[:-1]) + [w[-1] + "</w>"], n] for w, n in sorted(pieces.items()) if w]
+    merges: list[tuple[str, str]] = []
+    vocab = {sym: i for i, sym in enumerate(base)}
+    while len(vocab) < vocab_size:
+        pairs: Counter = Counter()
+        for symbols, n in words:
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += n
+        if not pairs:
+            break
+        pair, count = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        if count < 2:
+            break
+        merges.append(pair)
+        vocab.setdefault(pair[0] + pair[1], len(vocab))
+        for word in words:
+            if len(word[0]) > 1:
+                word[0] = _merge_pair(word[0], pair)
     vocab[CLIP_BOS] = len(vocab)
     vocab[CLIP_EOS] = len(vocab)
     clip_tok = CLIPTokenizer(vocab=vocab, merges=merges)

@@ -240,7 +240,7 @@ def test_export_is_a_selection_clip_model_dir(world, trained, tmp_path):
 def test_cli_reports_a_bad_captions_file_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "llava_jax.clip_train", f"--config={CONFIG}:synthetic", f"--workdir={tmp_path / 'w'}",
-         f"--config.data.captions={tmp_path / 'missing.json'}"],
+         f"--config.data.captions={tmp_path / 'missing.json'}", f"--config.data.image_root={tmp_path}"],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
@@ -260,6 +260,14 @@ def test_pairs_read_coco_and_llava_records_and_split(world):
     assert clip_pairs.split_holdout(list(reversed(coco)), 8)[1] == held  # independent of file order
     with pytest.raises(clip_pairs.PairsError):
         clip_pairs.split_holdout(coco, 56)
+    # two sources, each with its root: cc_sbu_align/image/* link to images/*, so each image gets 5 + 1 captions
+    data = world / "data"
+    both = clip_pairs.read_sources(f"{data / 'coco' / 'captions.json'},{data / 'cc_sbu_align' / 'filter_cap.json'}",
+                                   [str(data / "images"), str(data / "cc_sbu_align")])
+    assert len(both) == 56 and all(len(p.captions) == 6 for p in both)
+    assert all(Path(p.image).parent == (data / "images").resolve() for p in both)
+    with pytest.raises(clip_pairs.PairsError, match="image roots"):
+        clip_pairs.read_sources([str(data / "stage1.json")] * 3, "a,b")
 
 
 def test_retrieval_metrics_count_identical_captions_as_right():
@@ -272,3 +280,16 @@ def test_retrieval_metrics_count_identical_captions_as_right():
     wrong = emb[[1, 0, 2]]
     m = clip_train.retrieval_metrics(emb, wrong, texts, captions, ks=(1,))
     assert m["i2t_top1"] == pytest.approx(1 / 3)
+
+
+def test_clip_tokenizer_is_deterministic_and_clip_shaped():
+    from llava_jax.tiny import CLIP_BOS, CLIP_EOS, build_clip_tokenizer
+
+    texts = ["A red circle is in the top left corner.", "There are two shapes: a blue square and a red cross."] * 3
+    a, b = build_clip_tokenizer(texts), build_clip_tokenizer(list(reversed(texts)))
+    assert a.get_vocab() == b.get_vocab()  # a function of the texts alone (ties never random)
+    ids = a("A RED circle!  Zebra 42")["input_ids"]
+    assert ids[0] == a.convert_tokens_to_ids(CLIP_BOS) and ids[-1] == a.convert_tokens_to_ids(CLIP_EOS)
+    assert a.eos_token_id == a.pad_token_id == len(a) - 1 and a.bos_token_id == len(a) - 2
+    assert "red</w>" in a.get_vocab() and a.convert_ids_to_tokens(ids[2]) == "red</w>"
+    assert a.decode(ids, skip_special_tokens=True) == "a red circle ! zebra 4 2"  # CLIP's lower-cased split

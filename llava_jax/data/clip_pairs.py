@@ -3,7 +3,8 @@
 Inputs: a COCO captions JSON ({"images", "annotations": [{"image_id", "caption"}]}, several captions per image),
 or anything `llava_jax.data.sources.load_records` reads (a LLaVA stage-1 JSON such as CC3M chat.json, where the
 first answer is the caption; a MiniGPT-4 filter_cap.json). Pairs are grouped by image: each image keeps all its
-captions and a training batch draws one of them per image and step.
+captions and a training batch draws one of them per image and step. Several files can be combined
+(`read_sources`), each with its own image root; an image named by more than one keeps every caption.
 
 Batches are a function of (seed, step) alone: step s takes global positions [s B, (s + 1) B) of an endless
 sequence of per-epoch permutations of the training images, so `get_state` / `set_state` (the step) resume a run
@@ -81,6 +82,39 @@ def read_pairs(path: str | os.PathLike) -> list[ImageCaptions]:
     if not pairs:
         raise PairsError(f"{path}: no image-caption pairs found (expected COCO captions or LLaVA records)")
     return pairs
+
+
+def _split_list(value: str | Sequence[str]) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
+def read_sources(captions: str | Sequence[str], image_root: str | Sequence[str]) -> list[ImageCaptions]:
+    """Pairs of one or more caption files (a list or a comma-separated string), each read by `read_pairs`.
+
+    `image_root` is one root for every file or one per file (same forms). Image paths come back resolved
+    (root joined, links followed), so an image that several files name -- the synthetic set's
+    cc_sbu_align/image/*.jpg link to images/*.jpg -- is one image with the captions of all of them.
+    """
+    from llava_jax.data.sources import RecordError, check_relative_path
+
+    files, roots = _split_list(captions), _split_list(image_root) or [""]
+    if not files:
+        raise PairsError("no captions file given")
+    if len(roots) not in (1, len(files)):
+        raise PairsError(f"{len(files)} caption files but {len(roots)} image roots (give one, or one per file)")
+    merged: dict[str, list[str]] = {}
+    for i, f in enumerate(files):
+        root = roots[0] if len(roots) == 1 else roots[i]
+        for pair in read_pairs(f):
+            try:
+                check_relative_path(pair.image)
+            except RecordError as e:
+                raise PairsError(f"{f}: {e}") from e
+            key = os.path.realpath(os.path.join(root, pair.image))
+            caps = merged.setdefault(key, [])
+            caps.extend(c for c in pair.captions if c not in caps)
+    return [ImageCaptions(image, tuple(caps)) for image, caps in merged.items()]
 
 
 def split_holdout(pairs: Sequence[ImageCaptions], num_holdout: int, seed: int = 0
