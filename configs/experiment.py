@@ -4,8 +4,9 @@
         [--quick] [--config configs/experiment.py[:variant]] [--set KEY=VALUE ...]
 
 Variants:
-  default   4,000 synthetic images at 50% planted noise; stage 1 900 steps; stage 2 the same 600 steps x 32 for
-            every arm, 6 validation points; budgets 8% and 25%; 2 random seeds (sized for ~75 min on 2 CPU cores)
+  default   4,000 synthetic images at 50% planted noise; stage 1 900 steps; CLIP 300 steps; stage 2 the same
+            500 steps x 32 for every arm, 5 validation points; budgets 8% and 25%; 2 random seeds (14 stage-2
+            runs, sized for ~60 min on 2 idle CPU cores)
   quick     1,000 images, stage 2 120 steps, one budget (10%), one random seed (~10 min)
   tiny      a few steps of a very small model on a few dozen records (the tests)
 --noise, --budgets and --arms on the command line override `noise`, `budgets` and `arms`; --set KEY=VALUE any key.
@@ -50,9 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stage1.set = ()  # extra KEY=VALUE trainer settings
 
     c.stage2 = ml_collections.ConfigDict()
-    c.stage2.steps = 600  # the same for every arm (small subsets: more epochs; hence the validation pick)
+    c.stage2.steps = 500  # the same for every arm (small subsets: more epochs; hence the validation pick)
     c.stage2.batch_size = 32
-    c.stage2.validations = 6  # checkpoints scored on the validation split (evenly spaced, the last included)
+    c.stage2.validations = 5  # checkpoints scored on the validation split (evenly spaced, the last included)
     # Noisy records carry descriptions: up to ~210 tokens with the demo tokenizer (the demo's 104 would cut them).
     c.stage2.max_length = 224
     c.stage2.bucket_lengths = (96, 160, 224)
@@ -60,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.clip = ml_collections.ConfigDict()
     c.clip.model_dir = ""  # an HF CLIPModel dir to use as is; empty = train one (configs/clip.py:synthetic)
-    c.clip.steps = 0  # 0 = the config's
+    c.clip.steps = 300  # 0 = the config's (500); 300 reaches ~0.9 held-out top-1 retrieval
     c.clip.set = ()
 
     c.mllm = ml_collections.ConfigDict()
