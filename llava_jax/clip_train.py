@@ -395,6 +395,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]
                     checkpointer.save(step, params, opt_state, train_iter.get_state(), force=True)
                 if preempt.requested:
                     info(f"SIGTERM: saving step {step} and exiting")
+                    train_iter.close()
                     return {"steps": step, "loss": last_loss, "preempted": True}
     finally:
         preempt.uninstall()

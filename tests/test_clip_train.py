@@ -247,6 +247,18 @@ def test_cli_reports_a_bad_captions_file_in_one_line(tmp_path):
     assert len(lines) == 1 and "missing.json" in lines[0] and "Traceback" not in proc.stderr
 
 
+def test_cli_vit_l14_without_a_local_clip_dir_is_a_config_error(world, tmp_path):
+    data = world / "data"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llava_jax.clip_train", f"--config={CONFIG}:vit_l14", f"--workdir={tmp_path / 'w'}",
+         f"--config.data.captions={data / 'coco' / 'captions.json'}", f"--config.data.image_root={data / 'images'}",
+         "--config.data.num_holdout=8"],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "openai/clip-vit-large-patch14" in lines[0] and "Traceback" not in proc.stderr
+
+
 def test_pairs_read_coco_and_llava_records_and_split(world):
     coco = clip_pairs.read_pairs(world / "data" / "coco" / "captions.json")
     llava = clip_pairs.read_pairs(world / "data" / "stage1.json")
