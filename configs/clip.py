@@ -10,7 +10,8 @@ Variants:
              that holds the longest detailed description, a CLIP-style BPE trained on the training captions), sized
              to reach high held-out retrieval in a few minutes on a 2-core CPU (500 steps of 128 pairs). Training on
              the detailed descriptions as well as the short captions makes the CLIP score of instruction answers
-             sharper (measured on a 50%-noise set: AUROC of bad records 0.695 -> 0.726; swapped images 0.83 -> 0.88).
+             sharper (measured on a 50%-noise set of 4,000 records: AUROC of the bad records 0.695 -> 0.718, swapped
+             images 0.83 -> 0.87, contradictions 0.68 -> 0.70); held-out retrieval i2t 0.98 / t2i 0.985.
   vit_l14    fine-tune openai/clip-vit-large-patch14 on a user's own image-caption pairs: set
              --config.init_from=CLIP_DIR (a local HF CLIPModel directory); its tokenizer and preprocessing are used.
 Every value can be overridden with --config.key=value.
