@@ -488,7 +488,7 @@ class Experiment:
         self.make_model()
         self.stage1()
         clip_eval = self.clip() if self._needs_clip() else {"skipped": "no arm uses the CLIP"}
-        results: dict[str, dict[str, Any]] = {}
+        results = self.finished_results()  # earlier runs' arms too (a rerun with fewer --arms keeps them)
         for arm in self.plan.arms:
             results[self.arm_key(arm)] = self.run_arm(arm)
             self.write_report(results, clip_eval, time.time() - t0)
@@ -524,6 +524,15 @@ class Experiment:
                           "--judge-base-url", str(self.cfg.judge.base_url), "--judge-model", str(self.cfg.judge.model),
                           "--judge-api-key-env", str(self.cfg.judge.api_key_env)], self.out / "judge.log", echo=False)
         return True
+
+    def finished_results(self) -> dict[str, dict[str, Any]]:
+        """Every finished arm under OUT/arms, by results key."""
+        found = {}
+        for path in sorted(self.out.glob("arms/noise*/*/result.json")):
+            r = read_json(path)
+            arm = Arm(path.parent.name, r["kind"], r["budget"], float(r["noise"]), int(r.get("seed", 0)), r["group"])
+            found[self.arm_key(arm)] = r
+        return found
 
     def arm_key(self, arm: Arm) -> str:
         return arm.name if arm.noise == self.main_noise else f"{arm.name}~noise{fmt_share(arm.noise)}"
