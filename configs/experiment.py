@@ -65,7 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.clip.set = ()
 
     c.mllm = ml_collections.ConfigDict()
-    c.mllm.model = "stage1"  # LLaVA for the mllm score: 'stage1' (this run's stage-1 workdir), a path, or '' (off)
+    # LLaVA for the mllm score: 'full' (the full arm's stage-2 run: it has learned the answer format; run first),
+    # 'stage1' (knows only captions: answers in the stage-2 format score as unlikely with any image), a path, or ''
+    c.mllm.model = "full"
 
     c.reward = ml_collections.ConfigDict()
     c.reward.model_dir = ""  # a reward model dir: the reward score joins (weight 1) and gets its own arm

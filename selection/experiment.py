@@ -237,6 +237,11 @@ def plan_arms(cfg: ml_collections.ConfigDict) -> Plan:
                 add(kind, smallest)
     if not plan.arms:
         raise ExperimentError("no arm to run")
+    uses_mllm = any(a.kind in SELECTOR_KINDS and a.kind not in ("random", "clip", "length", "reward", "gpt")
+                    for a in plan.arms)
+    if str(cfg.mllm.model) == "full" and uses_mllm and plan.arms[0].name != "full":
+        raise ExperimentError("mllm.model=full scores with the full arm's model: include the full arm (or set "
+                              "mllm.model=stage1 / a path)")
     return plan
 
 
@@ -283,6 +288,8 @@ class Experiment:
     @property
     def mllm_dir(self) -> str:
         m = str(self.cfg.mllm.model)
+        if m == "full":  # the full arm's stage-2 run (main noise level): it knows the answer format
+            return str(self.out / "arms" / f"noise{fmt_share(self.main_noise)}" / "full" / "train")
         return "" if not m else str(self.stage1_dir) if m == "stage1" else str(Path(m).absolute())
 
     def say(self, msg: str) -> None:

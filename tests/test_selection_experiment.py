@@ -164,7 +164,7 @@ def test_tiny_experiment_subsets_results_and_resume(tmp_path, monkeypatch):
 def test_tiny_experiment_with_the_selector(tmp_path):
     """The selector arms through the trained CLIP and the stage-1 mllm score (adds a CLIP run and scoring)."""
     out = tmp_path / "exp"
-    doc = ex.Experiment(_cfg(arms="select,length"), out, echo=False).run()
+    doc = ex.Experiment(_cfg(arms="full,select,length"), out, echo=False).run()
     arms = out / "arms" / "noise0.5"
     labels = rep.read_labels(out / "data" / "noise0.5")
     for name in ("select", "length"):
@@ -195,3 +195,12 @@ def test_tiny_experiment_with_a_judge_server(tmp_path, monkeypatch):
     assert doc["judge"]["overall"]["n"] == 6 and doc["judge"]["overall"]["ties"] == 6  # the same scores in both orders
     assert "gpt" in doc["scores"]["0.5"]["auroc"] and "gpt" not in doc["left_out"]
     assert "Pairwise judge" in (tmp_path / "exp" / "RESULTS.md").read_text()
+
+
+def test_mllm_from_the_full_arm_needs_that_arm():
+    with pytest.raises(ex.ExperimentError, match="full arm"):
+        ex.plan_arms(_cfg(arms="select"))
+    assert ex.plan_arms(_cfg(arms="random")).arms[0].kind == "random"  # no mllm score needed
+    cfg = _cfg(arms="select")
+    cfg.mllm.model = "stage1"
+    assert [a.name for a in ex.plan_arms(cfg).arms] == ["select"]
