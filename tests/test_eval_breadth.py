@@ -228,6 +228,9 @@ def test_mmbench_circular_rule(tmp_path):
     assert s["by_category"]["y"]["circular_accuracy"] == 0.0 and s["malformed"] == 1
     items = mmbench.prompt_items(tsv, tmp_path / "imgs")
     assert len(items) == 7 and Image.open(items[0].image).size == (8, 8)
+    # rows as `predict` writes them (the round in the id, and round_id as a field) are read by their id
+    ours = _jsonl(tmp_path / "ours.jsonl", [{"question_id": it.question_id, "text": "D", **it.extra} for it in items])
+    assert mmbench.score_file(tsv, ours)["missing"] == 0
 
 
 def test_mmbench_tsv_with_circular_copies_is_grouped_by_index(tmp_path):

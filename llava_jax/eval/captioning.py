@@ -109,8 +109,8 @@ def score(references: Mapping[str, Sequence[str]], answers: Mapping[str, Mapping
 
 def score_file(annotations_path: str | os.PathLike, answers_path: str | os.PathLike) -> dict[str, Any]:
     """`score` on files."""
-    answers, malformed = read_answers_lenient(answers_path)
     refs, _ = load_annotations(annotations_path)
+    answers, malformed = read_answers_lenient(answers_path)
     return score(refs, answers, malformed)
 
 

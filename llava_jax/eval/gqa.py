@@ -76,8 +76,9 @@ def score(questions: Mapping[str, Mapping[str, Any]], answers: Mapping[str, Mapp
 
 def score_file(questions_path: str | os.PathLike, answers_path: str | os.PathLike) -> dict[str, Any]:
     """`score` on files."""
+    data = load_questions(questions_path)
     answers, malformed = read_answers_lenient(answers_path)
-    return score(load_questions(questions_path), answers, malformed)
+    return score(data, answers, malformed)
 
 
 def prompt_items(questions_path: str | os.PathLike, image_root: str | os.PathLike) -> list[PromptItem]:

@@ -135,9 +135,12 @@ def infer_option(reply: str, options: Sequence[str]) -> str | None:
 
 
 def _answer_key(row: Mapping[str, Any]) -> str:
-    """LLaVA's rows {question_id: index, round_id: r} -> index + r * 1,000,000; others: their question_id."""
+    """LLaVA's rows {question_id: index < 1,000,000, round_id: r} -> index + r * 1,000,000; others (ours carry
+    the round in the id already, and round_id as a field): their question_id."""
     if "round_id" in row:
-        return qid_key(int(float(row["question_id"])) + int(row["round_id"]) * ROUND_STRIDE)
+        index = int(float(row["question_id"]))
+        if index < ROUND_STRIDE:
+            return qid_key(index + int(row["round_id"]) * ROUND_STRIDE)
     return qid_key(row["question_id"])
 
 
@@ -177,8 +180,9 @@ def score(rounds: Sequence[Mapping[str, Any]], answers: Mapping[str, Mapping[str
 
 def score_file(tsv: str | os.PathLike, answers_path: str | os.PathLike) -> dict[str, Any]:
     """`score` on files."""
+    data = load_rounds(tsv)
     answers, malformed = read_answers_lenient(answers_path, key_fn=_answer_key)
-    return score(load_rounds(tsv), answers, malformed)
+    return score(data, answers, malformed)
 
 
 def _write_image(b64: str, path: Path) -> None:

@@ -138,8 +138,9 @@ def score(questions: Mapping[str, Mapping[str, Sequence[Mapping[str, str]]]],
 
 def score_file(data_dir: str | os.PathLike, answers_path: str | os.PathLike) -> dict[str, Any]:
     """`score` on files."""
+    data = load_questions(data_dir)
     answers, malformed = read_answers_lenient(answers_path)
-    return score(load_questions(data_dir), answers, malformed)
+    return score(data, answers, malformed)
 
 
 def prompt_items(data_dir: str | os.PathLike) -> list[PromptItem]:

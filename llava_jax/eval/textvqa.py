@@ -32,7 +32,6 @@ from llava_jax import cli
 from llava_jax.eval.answers import EvalDataError, percent, qid_key, read_answers_lenient, read_records
 from llava_jax.eval.normalize import evalai_normalize
 from llava_jax.eval.predict import PromptItem
-from llava_jax.io import atomic_write_json
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
@@ -106,8 +105,9 @@ def score(annotations: Sequence[Mapping[str, Any]], answers: Mapping[str, Mappin
 
 def score_file(annotations_path: str | os.PathLike, answers_path: str | os.PathLike) -> dict[str, Any]:
     """`score` on files."""
+    data = load_annotations(annotations_path)
     answers, malformed = read_answers_lenient(answers_path)
-    return score(load_annotations(annotations_path), answers, malformed)
+    return score(data, answers, malformed)
 
 
 def prompt_items(annotations_path: str | os.PathLike, image_root: str | os.PathLike) -> list[PromptItem]:

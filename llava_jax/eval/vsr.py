@@ -86,8 +86,9 @@ def score(data: Sequence[Mapping[str, Any]], answers: Mapping[str, Mapping[str, 
 
 def score_file(data_path: str | os.PathLike, answers_path: str | os.PathLike) -> dict[str, Any]:
     """`score` on files."""
+    data = load_data(data_path)
     answers, malformed = read_answers_lenient(answers_path)
-    return score(load_data(data_path), answers, malformed)
+    return score(data, answers, malformed)
 
 
 def prompt_items(data_path: str | os.PathLike, image_root: str | os.PathLike) -> list[PromptItem]:
