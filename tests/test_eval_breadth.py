@@ -88,7 +88,7 @@ def test_textvqa_score_matches_llava_ids_and_counts_failures():
     answers = {
         "10": {"text": "coca cola."},                                   # our layout: the question id
         # LLaVA's layout: the image id as question_id, the question in the prompt's first line
-        "imgB": {"text": "2", "prompt": "What number?\nAnswer the question using a single word or phrase."},
+        "imgB\nwhat number?": {"text": "2"},
         "zzz": {"text": "stop"},                                        # matches no question
     }
     result = textvqa.score(annotations, answers, malformed=2)
@@ -96,6 +96,19 @@ def test_textvqa_score_matches_llava_ids_and_counts_failures():
     # q12 has no answer -> 0
     assert result["accuracy"] == pytest.approx(100 * 2 / 3, abs=0.01)
     assert (result["n"], result["answered"], result["missing"], result["unknown"], result["malformed"]) == (3, 2, 1, 1, 2)
+
+
+def test_textvqa_reads_llava_answer_files(tmp_path):
+    """LLaVA's TextVQA rows use the image id as question_id, shared by the questions of one image."""
+    ann = tmp_path / "val.json"
+    ann.write_text(json.dumps({"data": [
+        {"question_id": 1, "image_id": "img", "question": "What brand?", "answers": ["nike"] * 10},
+        {"question_id": 2, "image_id": "img", "question": "What year?", "answers": ["1999"] * 10}]}))
+    suffix = "\nAnswer the question using a single word or phrase."
+    answers = _jsonl(tmp_path / "a.jsonl", [{"question_id": "img", "prompt": "What brand?" + suffix, "text": "Nike"},
+                                            {"question_id": "img", "prompt": "What year?" + suffix, "text": "1999"}])
+    s = textvqa.score_file(ann, answers)
+    assert (s["accuracy"], s["malformed"], s["unknown"]) == (100.0, 0, 0)
 
 
 # ------------------------------------------------------------------------------------------ MME
@@ -156,6 +169,16 @@ def test_mme_acc_plus_needs_both_questions_of_an_image(tmp_path):
     items = mme.prompt_items(root)
     assert [it.question_id for it in items][:2] == ["artwork/c.png/0", "artwork/c.png/1"]
     assert items[0].image.endswith("artwork/images/c.png") and items[0].text.startswith("Is this by Monet?\n")
+
+
+def test_mme_reads_llava_answer_rows(tmp_path):
+    root = _mme_dir(tmp_path)
+    suffix = "\nAnswer the question using a single word or phrase."
+    answers = _jsonl(tmp_path / "a.jsonl", [
+        {"question_id": "existence/a.jpg", "prompt": "Is there a cat? Please answer yes or no." + suffix, "text": "No"},
+        {"question_id": "existence/a.jpg", "prompt": "Is there a dog? Please answer yes or no." + suffix, "text": "Yes"}])
+    s = mme.score_file(root, answers)
+    assert s["subtasks"]["existence"]["acc_plus"] == 0.5 and (s["malformed"], s["unknown"]) == (0, 0)
 
 
 def test_mme_bad_question_file_is_a_named_error(tmp_path):

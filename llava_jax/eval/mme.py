@@ -9,7 +9,8 @@ scene keep their images in <subtask>/images/ and their question files in <subtas
 others keep both side by side. A question file <stem>.txt belongs to the image <stem>.{jpg,png,jpeg} and holds
 one "question<TAB>Yes|No" line per question (two per image in MME). Answer rows carry
 question_id = "<subtask>/<image file>/<index of the question in that file>" and the reply in `text`; the
-prompt is the question followed by LLaVA-1.5's short-answer instruction.
+prompt is the question followed by LLaVA-1.5's short-answer instruction. LLaVA's own MME answer rows
+(question_id "<subtask>/<image file>", the question in `prompt`) are read too.
 
 Scoring, per subtask (as calculation.py):
   - the reply is lower-cased; it is "yes" or "no" when it is exactly that, else "yes" when its first four
@@ -136,10 +137,31 @@ def score(questions: Mapping[str, Mapping[str, Sequence[Mapping[str, str]]]],
     }
 
 
+def _row_key(questions: Mapping[str, Mapping[str, Sequence[Mapping[str, str]]]]):
+    """The answer-row key: its question_id; a LLaVA row ("<subtask>/<image file>", the same for both questions
+    of an image) gets the index of the question its prompt holds."""
+    per_image = {f"{subtask}/{image}": rows for subtask, images in questions.items() for image, rows in images.items()}
+
+    def key(row: Mapping[str, Any]) -> str:
+        qid = str(row["question_id"]).strip()
+        rows = per_image.get(qid)
+        if rows is not None:
+            prompt = str(row.get("prompt", ""))
+            for strip in (False, True):  # the whole question first, then without MME's yes/no request
+                hits = [i for i, q in enumerate(rows)
+                        if (q["question"].replace(" Please answer yes or no.", "").strip() if strip
+                            else q["question"]) in prompt]
+                if len(hits) == 1:
+                    return f"{qid}/{hits[0]}"
+        return qid
+
+    return key
+
+
 def score_file(data_dir: str | os.PathLike, answers_path: str | os.PathLike) -> dict[str, Any]:
     """`score` on files."""
     data = load_questions(data_dir)
-    answers, malformed = read_answers_lenient(answers_path)
+    answers, malformed = read_answers_lenient(answers_path, key_fn=_row_key(data))
     return score(data, answers, malformed)
 
 

@@ -79,16 +79,30 @@ def question_of_prompt(prompt: str) -> str:
     return (lines[0] if lines else "").strip().lower()
 
 
+def _row_key(by_qid: Mapping[str, Any]):
+    """The answer-row key: its question id when that is one, else "<id>\n<question of its prompt>" (LLaVA's
+    rows, whose id is the image id, shared by the questions on one image)."""
+
+    def key(row: Mapping[str, Any]) -> str:
+        qid = qid_key(row["question_id"])
+        if qid in by_qid:
+            return qid
+        return f"{qid}\n{question_of_prompt(str(row.get('prompt', '')))}"
+
+    return key
+
+
 def score(annotations: Sequence[Mapping[str, Any]], answers: Mapping[str, Mapping[str, Any]],
           malformed: int = 0) -> dict[str, Any]:
-    """TextVQA accuracy (percent) of `answers` ({question id key: {"text", "prompt"?}}) on `annotations`."""
+    """TextVQA accuracy (percent) of `answers` on `annotations`. Answers are keyed by question id, or (LLaVA's
+    layout) by "<image id>\n<question, lower-cased>" as `score_file` reads them."""
     by_qid = {qid_key(a["question_id"]): a for a in annotations}
-    by_image_question = {(str(a.get("image_id")), str(a["question"]).lower()): qid_key(a["question_id"])
+    by_image_question = {f"{a.get('image_id')}\n{str(a['question']).lower()}": qid_key(a["question_id"])
                          for a in annotations}
     replies: dict[str, str] = {}
     unknown = 0
     for key, row in answers.items():
-        target = key if key in by_qid else by_image_question.get((key, question_of_prompt(str(row.get("prompt", "")))))
+        target = key if key in by_qid else by_image_question.get(key)
         if target is None or target in replies:
             unknown += 1
             continue
@@ -106,7 +120,8 @@ def score(annotations: Sequence[Mapping[str, Any]], answers: Mapping[str, Mappin
 def score_file(annotations_path: str | os.PathLike, answers_path: str | os.PathLike) -> dict[str, Any]:
     """`score` on files."""
     data = load_annotations(annotations_path)
-    answers, malformed = read_answers_lenient(answers_path)
+    answers, malformed = read_answers_lenient(answers_path, key_fn=_row_key({qid_key(a["question_id"]): a
+                                                                             for a in data}))
     return score(data, answers, malformed)
 
 
