@@ -112,3 +112,40 @@ def test_table_bolds_every_best_value():
     assert "| x | acc | **50.00** | **50.00** |" in md and "| x | f1 | - | **3.00** |" in md
     assert "skipped y: tsv not found" in md
     assert suite.to_csv(table).splitlines()[2] == "x,f1,,3.0"
+
+
+def test_existing_scorers_plug_into_the_suite(tmp_path):
+    """vqa (OKVQA-style), pope and scienceqa entries: questions built, an oracle answers file scored in full."""
+    from llava_jax.eval import benchmarks as bench_lib
+    from llava_jax.io import atomic_write_jsonl
+
+    img = tmp_path / "i.jpg"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    questions = tmp_path / "q.jsonl"
+    atomic_write_jsonl(questions, [{"question_id": 1, "image": "i.jpg", "text": "What is it?", "category": "random"},
+                                   {"question_id": 2, "image": "i.jpg", "text": "Is there a dog?", "category": "random"}])
+    annotations = tmp_path / "ann.jsonl"
+    atomic_write_jsonl(annotations, [{"question_id": 1, "answers": ["cat"] * 10}, {"question_id": 2, "answers": ["no"] * 10}])
+    labels = tmp_path / "coco_pope_random.json"
+    atomic_write_jsonl(labels, [{"question_id": 7, "image": "i.jpg", "text": "What is it?", "label": "yes"},
+                                {"question_id": 8, "image": "i.jpg", "text": "Is there a dog?", "label": "no"}])
+    entries = {
+        "vqa": {"kind": "vqa", "questions": str(questions), "annotations": str(annotations), "image_root": str(tmp_path)},
+        "pope": {"kind": "pope", "questions": str(questions), "labels": [str(labels)], "image_root": str(tmp_path)},
+    }
+    oracle = {"vqa": ["cat", "no"], "pope": ["yes", "no"]}
+    for name, entry in entries.items():
+        assert bench_lib.missing_data(entry) is None
+        kind = bench_lib.get_kind(entry["kind"])
+        items = kind.items(entry, tmp_path / "work")
+        assert [it.question_id for it in items] == [1, 2] and items[0].text.endswith("single word or phrase.")
+        answers = tmp_path / f"{name}.jsonl"
+        atomic_write_jsonl(answers, [{"question_id": it.question_id, "text": t, **it.extra}
+                                     for it, t in zip(items, oracle[name], strict=True)])
+        metrics = kind.metrics(kind.score(entry, answers))
+        assert metrics and all(v == 100.0 for v in metrics.values()), (name, metrics)
+    assert bench_lib.missing_data({"kind": "scienceqa", "data_dir": str(tmp_path / "nope")}).startswith("data_dir not found")
+    with pytest.raises(ValueError, match="unknown benchmark kind"):
+        bench_lib.get_kind("nosuch")
