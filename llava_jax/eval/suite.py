@@ -177,8 +177,9 @@ def to_markdown(table: Mapping[str, Any]) -> str:
     for row in table["rows"]:
         cells = [f"**{_fmt(row['values'][m])}**" if m in row["best"] else _fmt(row["values"][m]) for m in models]
         lines.append(f"| {row['benchmark']} | {row['metric']} | " + " | ".join(cells) + " |")
-    for name, reason in table["skipped"].items():
-        lines.append(f"\nskipped {name}: {reason}")
+    if table["skipped"]:
+        lines.append("")
+        lines.extend(f"- skipped {name}: {reason}" for name, reason in table["skipped"].items())
     return "\n".join(lines) + "\n"
 
 
