@@ -215,6 +215,8 @@ def plot(table: Mapping[str, Any]) -> bytes:
             if m in row["best"]:
                 bar.set_edgecolor("black")
                 bar.set_linewidth(2)
+        ax.bar_label(bars, labels=[_fmt(row["values"][m]) for m in models], fontsize=7)
+        ax.set_ylim(0, (max(values) * 1.2) or 1.0)
         ax.set_xticks(range(len(models)), models, rotation=20, fontsize=8)
         ax.set_title(f"{row['benchmark']}: {row['metric']}", fontsize=9)
         ax.tick_params(axis="y", labelsize=8)
