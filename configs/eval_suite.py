@@ -4,7 +4,9 @@
     python -m llava_jax.eval.suite --model stage1=runs/demo/stage1 --model stage2=runs/demo/stage2 \
         --suite configs/eval_suite.py:runs/benchmarks --out runs/suite
 
-The argument is the data root (default runs/benchmarks). Every benchmark reads its public layout from
+The argument is the data root (default runs/benchmarks), optionally followed by ",bare": then the questions
+go without the answer-format instruction LLaVA-1.5 appends ("Answer the question using a single word or
+phrase.", VSR's "Answer with true or false."), for models never taught it -- the demo's. Every benchmark reads its public layout from
 ROOT/<folder> (the names below); one whose files are absent is skipped and listed in the table. The synthetic
 writer fills captioning, vsr, mme, gqa, mmbench and ehub (counting, multi-class identification); put the real
 sets in the same places (Flickr30k / NoCaps as COCO caption JSON, MME_Benchmark_release_version's folders
@@ -19,8 +21,10 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The suite config for the data root `arg` (default runs/benchmarks)."""
-    root = arg or "runs/benchmarks"
+    """The suite config for `arg` = "ROOT[,bare]" (default runs/benchmarks)."""
+    root, _, variant = (arg or "runs/benchmarks").partition(",")
+    if variant not in ("", "bare"):
+        raise ValueError(f"unknown suite variant {variant!r} (known: bare)")
 
     def p(*parts: str) -> str:
         return os.path.join(root, *parts)
@@ -48,6 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  "image_root": p("pope", "val2014")},
         "scienceqa": {"kind": "scienceqa", "data_dir": p("scienceqa")},
     }
+    if variant == "bare":
+        for entry in benchmarks.values():
+            if entry["kind"] in ("mme", "textvqa", "gqa", "ehub", "vqa", "pope", "vsr"):
+                entry["instruction"] = ""
     config = ml_collections.ConfigDict()
     config.benchmarks = benchmarks
     config.predict = {"batch_size": 8, "dtype": "auto", "template": ""}

@@ -149,3 +149,16 @@ def test_existing_scorers_plug_into_the_suite(tmp_path):
     assert bench_lib.missing_data({"kind": "scienceqa", "data_dir": str(tmp_path / "nope")}).startswith("data_dir not found")
     with pytest.raises(ValueError, match="unknown benchmark kind"):
         bench_lib.get_kind("nosuch")
+
+
+def test_bare_variant_drops_the_answer_format_instruction(world):
+    root, _ = world
+    from llava_jax.eval import benchmarks as bench_lib
+
+    official = suite.load_suite_config(f"configs/eval_suite.py:{root / 'bench'}").to_dict()["benchmarks"]
+    bare = suite.load_suite_config(f"configs/eval_suite.py:{root / 'bench'},bare").to_dict()["benchmarks"]
+    for name in ("mme", "counting", "vsr", "gqa"):
+        kind = bench_lib.get_kind(official[name]["kind"])
+        with_text = kind.items(official[name], root / "w")[0].text
+        bare_text = kind.items(bare[name], root / "w")[0].text
+        assert with_text.startswith(bare_text + "\n") and "\n" not in bare_text, name

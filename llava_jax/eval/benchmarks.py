@@ -15,7 +15,10 @@ A config entry (configs/eval_suite.py) is a dict with "kind" plus that kind's da
   pope        questions, labels (list), image_root           mean accuracy, mean F1
   scienceqa   data_dir, split?, image_root?                  accuracy, image accuracy
 
-Optional in every entry: max_new_tokens (else the suite's). An entry is "configured" when every data file it
+Optional in every entry: max_new_tokens (else the kind's), instruction (the line after each question: by
+default LLaVA-1.5's "Answer the question using a single word or phrase." for mme, textvqa, gqa, ehub, vqa, pope
+and "Answer with true or false." for vsr; "" sends the bare question -- captioning, mmbench and scienceqa keep
+their own prompts). An entry is "configured" when every data file it
 names exists; the suite skips the others and says why.
 """
 
@@ -43,6 +46,12 @@ class Kind:
     max_new_tokens: int = 16
 
 
+def _instruction(entry: Mapping[str, Any], default: str) -> str:
+    """The entry's "instruction" when it has one (also ""), else `default`."""
+    value = entry.get("instruction")
+    return default if value is None else str(value)
+
+
 def _captioning() -> Kind:
     from llava_jax.eval import captioning as m
 
@@ -55,7 +64,7 @@ def _captioning() -> Kind:
 def _vsr() -> Kind:
     from llava_jax.eval import vsr as m
 
-    return Kind(("data", "image_root"), lambda e, w: m.prompt_items(e["data"], e["image_root"]),
+    return Kind(("data", "image_root"), lambda e, w: m.prompt_items(e["data"], e["image_root"], _instruction(e, m.INSTRUCTION)),
                 lambda e, a: m.score_file(e["data"], a), lambda s: {"accuracy": s["accuracy"]}, max_new_tokens=8)
 
 
@@ -74,21 +83,21 @@ def _mme_metrics(s: Mapping[str, Any]) -> dict[str, float | None]:
 def _mme() -> Kind:
     from llava_jax.eval import mme as m
 
-    return Kind(("data_dir",), lambda e, w: m.prompt_items(e["data_dir"]), lambda e, a: m.score_file(e["data_dir"], a),
+    return Kind(("data_dir",), lambda e, w: m.prompt_items(e["data_dir"], _instruction(e, SHORT_ANSWER)), lambda e, a: m.score_file(e["data_dir"], a),
                 _mme_metrics, max_new_tokens=8)
 
 
 def _textvqa() -> Kind:
     from llava_jax.eval import textvqa as m
 
-    return Kind(("annotations", "image_root"), lambda e, w: m.prompt_items(e["annotations"], e["image_root"]),
+    return Kind(("annotations", "image_root"), lambda e, w: m.prompt_items(e["annotations"], e["image_root"], _instruction(e, SHORT_ANSWER)),
                 lambda e, a: m.score_file(e["annotations"], a), lambda s: {"accuracy": s["accuracy"]})
 
 
 def _gqa() -> Kind:
     from llava_jax.eval import gqa as m
 
-    return Kind(("questions", "image_root"), lambda e, w: m.prompt_items(e["questions"], e["image_root"]),
+    return Kind(("questions", "image_root"), lambda e, w: m.prompt_items(e["questions"], e["image_root"], _instruction(e, SHORT_ANSWER)),
                 lambda e, a: m.score_file(e["questions"], a), lambda s: {"accuracy": s["accuracy"]})
 
 
@@ -103,7 +112,7 @@ def _mmbench() -> Kind:
 def _ehub() -> Kind:
     from llava_jax.eval import ehub as m
 
-    return Kind(("questions", "image_root"), lambda e, w: m.prompt_items(e["questions"], e["image_root"]),
+    return Kind(("questions", "image_root"), lambda e, w: m.prompt_items(e["questions"], e["image_root"], _instruction(e, SHORT_ANSWER)),
                 lambda e, a: m.score_file(e["questions"], a), lambda s: {"accuracy": s["accuracy"]})
 
 
@@ -113,7 +122,8 @@ def _vqa() -> Kind:
     from llava_jax.eval.predict import items_from_questions
 
     return Kind(("questions", "annotations", "image_root"),
-                lambda e, w: items_from_questions(e["questions"], e["image_root"], prompt_suffix=SHORT_ANSWER),
+                lambda e, w: items_from_questions(e["questions"], e["image_root"],
+                                                 prompt_suffix=_instruction(e, SHORT_ANSWER)),
                 lambda e, a: m.score(m.load_annotations(e["annotations"]), read_answers(a)),
                 lambda s: {"accuracy": s["accuracy"]})
 
@@ -124,7 +134,8 @@ def _pope() -> Kind:
     from llava_jax.eval.predict import items_from_questions
 
     return Kind(("questions", "labels", "image_root"),
-                lambda e, w: items_from_questions(e["questions"], e["image_root"], prompt_suffix=SHORT_ANSWER),
+                lambda e, w: items_from_questions(e["questions"], e["image_root"],
+                                                 prompt_suffix=_instruction(e, SHORT_ANSWER)),
                 lambda e, a: m.score(m.rekey_labels_by_questions(list(e["labels"]), e["questions"]),
                                      read_records(a, "answers")),
                 lambda s: {"mean accuracy": s["mean_accuracy"], "mean F1": s["mean_f1"]}, max_new_tokens=8)

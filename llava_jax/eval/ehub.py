@@ -28,7 +28,7 @@ from typing import Any
 from llava_jax import cli
 from llava_jax.eval.answers import EvalDataError, percent, qid_key, read_answers_lenient, read_questions
 from llava_jax.eval.normalize import has_word, vqa_normalize
-from llava_jax.eval.predict import PromptItem
+from llava_jax.eval.predict import PromptItem, with_instruction
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
@@ -78,9 +78,10 @@ def score_file(questions_path: str | os.PathLike, answers_path: str | os.PathLik
     return score(data, answers, malformed)
 
 
-def prompt_items(questions_path: str | os.PathLike, image_root: str | os.PathLike) -> list[PromptItem]:
-    """One PromptItem per question."""
-    return [PromptItem(q["question_id"], f"{str(q['text']).replace('<image>', '').strip()}\n{SHORT_ANSWER}",
+def prompt_items(questions_path: str | os.PathLike, image_root: str | os.PathLike,
+                 instruction: str = SHORT_ANSWER) -> list[PromptItem]:
+    """One PromptItem per question (`instruction` after it)."""
+    return [PromptItem(q["question_id"], with_instruction(str(q["text"]).replace("<image>", "").strip(), instruction),
                        os.path.join(image_root, q["image"]) if q.get("image") else None,
                        {"category": q["category"]} if "category" in q else {})
             for q in load_questions(questions_path)]

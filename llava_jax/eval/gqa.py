@@ -28,7 +28,7 @@ from typing import Any
 
 from llava_jax import cli
 from llava_jax.eval.answers import EvalDataError, percent, qid_key, read_answers_lenient
-from llava_jax.eval.predict import PromptItem
+from llava_jax.eval.predict import PromptItem, with_instruction
 from llava_jax.io import read_json
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -81,9 +81,10 @@ def score_file(questions_path: str | os.PathLike, answers_path: str | os.PathLik
     return score(data, answers, malformed)
 
 
-def prompt_items(questions_path: str | os.PathLike, image_root: str | os.PathLike) -> list[PromptItem]:
-    """One PromptItem per balanced GQA question."""
-    return [PromptItem(q["question_id"], f"{q['question']}\n{SHORT_ANSWER}",
+def prompt_items(questions_path: str | os.PathLike, image_root: str | os.PathLike,
+                 instruction: str = SHORT_ANSWER) -> list[PromptItem]:
+    """One PromptItem per balanced GQA question (`instruction` after it)."""
+    return [PromptItem(q["question_id"], with_instruction(q["question"], instruction),
                        os.path.join(image_root, f"{q['imageId']}.jpg"))
             for q in load_questions(questions_path).values()]
 

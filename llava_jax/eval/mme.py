@@ -36,7 +36,7 @@ from typing import Any
 
 from llava_jax import cli
 from llava_jax.eval.answers import EvalDataError, read_answers_lenient
-from llava_jax.eval.predict import PromptItem
+from llava_jax.eval.predict import PromptItem, with_instruction
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "OCR")
@@ -165,9 +165,10 @@ def score_file(data_dir: str | os.PathLike, answers_path: str | os.PathLike) -> 
     return score(data, answers, malformed)
 
 
-def prompt_items(data_dir: str | os.PathLike) -> list[PromptItem]:
-    """One PromptItem per MME question, in subtask / image / question order."""
-    return [PromptItem(q["question_id"], f"{q['question']}\n{SHORT_ANSWER}", q["image"], {"category": subtask})
+def prompt_items(data_dir: str | os.PathLike, instruction: str = SHORT_ANSWER) -> list[PromptItem]:
+    """One PromptItem per MME question, in subtask / image / question order (the question, then `instruction`
+    on a new line unless it is empty)."""
+    return [PromptItem(q["question_id"], with_instruction(q["question"], instruction), q["image"], {"category": subtask})
             for subtask, images in load_questions(data_dir).items() for rows in images.values() for q in rows]
 
 

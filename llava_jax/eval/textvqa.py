@@ -31,7 +31,7 @@ from typing import Any
 from llava_jax import cli
 from llava_jax.eval.answers import EvalDataError, percent, qid_key, read_answers_lenient, read_records
 from llava_jax.eval.normalize import evalai_normalize
-from llava_jax.eval.predict import PromptItem
+from llava_jax.eval.predict import PromptItem, with_instruction
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
@@ -125,9 +125,10 @@ def score_file(annotations_path: str | os.PathLike, answers_path: str | os.PathL
     return score(data, answers, malformed)
 
 
-def prompt_items(annotations_path: str | os.PathLike, image_root: str | os.PathLike) -> list[PromptItem]:
-    """One PromptItem per TextVQA question (question_id as in the annotations)."""
-    return [PromptItem(a["question_id"], f"{a['question']}\n{SHORT_ANSWER}",
+def prompt_items(annotations_path: str | os.PathLike, image_root: str | os.PathLike,
+                 instruction: str = SHORT_ANSWER) -> list[PromptItem]:
+    """One PromptItem per TextVQA question (question_id as in the annotations; `instruction` after it)."""
+    return [PromptItem(a["question_id"], with_instruction(a["question"], instruction),
                        os.path.join(image_root, f"{a['image_id']}.jpg"))
             for a in load_annotations(annotations_path)]
 

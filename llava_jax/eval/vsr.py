@@ -25,9 +25,10 @@ from typing import Any
 
 from llava_jax import cli
 from llava_jax.eval.answers import EvalDataError, percent, qid_key, read_answers_lenient, read_records
-from llava_jax.eval.predict import PromptItem
+from llava_jax.eval.predict import PromptItem, with_instruction
 
-PROMPT = "Based on the image, is this statement true or false? {caption}\nAnswer with true or false."
+PROMPT = "Based on the image, is this statement true or false? {caption}"
+INSTRUCTION = "Answer with true or false."
 _TRUE, _FALSE = ("true", "yes"), ("false", "no")
 
 
@@ -91,9 +92,11 @@ def score_file(data_path: str | os.PathLike, answers_path: str | os.PathLike) ->
     return score(data, answers, malformed)
 
 
-def prompt_items(data_path: str | os.PathLike, image_root: str | os.PathLike) -> list[PromptItem]:
-    """One PromptItem per VSR statement."""
-    return [PromptItem(r["question_id"], PROMPT.format(caption=r["caption"]), os.path.join(image_root, r["image"]),
+def prompt_items(data_path: str | os.PathLike, image_root: str | os.PathLike,
+                 instruction: str = INSTRUCTION) -> list[PromptItem]:
+    """One PromptItem per VSR statement (`instruction` after it)."""
+    return [PromptItem(r["question_id"], with_instruction(PROMPT.format(caption=r["caption"]), instruction),
+                       os.path.join(image_root, r["image"]),
                        {"category": str(r.get("relation", ""))}) for r in load_data(data_path)]
 
 
