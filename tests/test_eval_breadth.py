@@ -98,6 +98,18 @@ def test_textvqa_score_matches_llava_ids_and_counts_failures():
     assert (result["n"], result["answered"], result["missing"], result["unknown"], result["malformed"]) == (3, 2, 1, 1, 2)
 
 
+@pytest.mark.parametrize("prompt, question", [
+    ("What brand?\nAnswer the question using a single word or phrase.", "what brand?"),
+    ("What brand?\nReference OCR token: NIKE, 1999\nAnswer the question using a single word or phrase.",
+     "what brand?"),
+    ("Reference OCR token: NIKE\nWhat brand?\nAnswer the question using a single word or phrase.", "what brand?"),
+    ("OCR tokens: NIKE 1999 Question: What brand? Short answer:", "what brand?"),
+    ("<image>\nWhat Brand?\nAnswer the question using a single word or phrase.", "what brand?"),
+])
+def test_textvqa_question_of_prompt(prompt, question):
+    assert textvqa.question_of_prompt(prompt) == question
+
+
 def test_textvqa_reads_llava_answer_files(tmp_path):
     """LLaVA's TextVQA rows use the image id as question_id, shared by the questions of one image."""
     ann = tmp_path / "val.json"

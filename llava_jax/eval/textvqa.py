@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -67,16 +68,22 @@ def answer_scores(human_answers: Sequence[str]) -> dict[str, float]:
 
 
 def question_of_prompt(prompt: str) -> str:
-    """The question in an answer row's prompt, as LLaVA's prompt_processor reads it: the first line (after an
-    image-marker line, which LLaVA's prompts do not have), lower-cased."""
+    """The question in an answer row's prompt, lower-cased, as LLaVA's eval_textvqa.py prompt_processor reads
+    it: after "OCR tokens: ..." the text between "Question: " and " Short answer:"; in a three-line prompt with
+    "Reference OCR token: " the line that is not the OCR line (the second when the prompt starts with it, else
+    the first); otherwise the first line. A leading image-marker line (ours; LLaVA's prompts have none) is
+    skipped first."""
+    if prompt.startswith("<image>\n"):
+        prompt = prompt[len("<image>\n"):]
     lines = prompt.split("\n")
-    if lines and lines[0].strip() == "<image>":
-        lines = lines[1:]
-    if lines and lines[0].startswith("OCR tokens: "):  # LLaVA's OCR-token prompt: the question comes after them
-        for line in lines:
-            if line.startswith("Question: "):
-                return line[len("Question: "):].strip().lower()
-    return (lines[0] if lines else "").strip().lower()
+    if prompt.startswith("OCR tokens: "):
+        match = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        question = match.group(1) if match else lines[0]
+    elif "Reference OCR token: " in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    else:
+        question = lines[0]
+    return question.lower()
 
 
 def _row_key(by_qid: Mapping[str, Any]):
