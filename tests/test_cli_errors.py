@@ -36,6 +36,16 @@ CASES = [
     ("llava_jax.data.synthetic", "--out {tmp}/s --num -3", "num"),
     ("llava_jax.data.validate", f"--data {MISSING}/d.json --image-root {{tmp}}", "d.json"),
     ("llava_jax.demo", "--out {tmp}/demo --stage1-set no_equals_sign", "KEY=VALUE"),
+    ("llava_jax.eval.captioning", f"score --annotations {MISSING}/c.json --answers {MISSING}/a.jsonl --out {{tmp}}/s.json",
+     "c.json"),
+    ("llava_jax.eval.ehub", f"score --questions {MISSING}/q.jsonl --answers {MISSING}/a.jsonl", "q.jsonl"),
+    ("llava_jax.eval.gqa", f"score --questions {MISSING}/q.json --answers {MISSING}/a.jsonl", "q.json"),
+    ("llava_jax.eval.mmbench", f"score --tsv {MISSING}/dev.tsv --answers {MISSING}/a.jsonl", "dev.tsv"),
+    ("llava_jax.eval.mme", f"score --data-dir {MISSING}/MME --answers {MISSING}/a.jsonl --out {{tmp}}/s.json",
+     MISSING),
+    ("llava_jax.eval.suite", f"--model a={MISSING}/m --out {{tmp}}/suite", f"{MISSING}/m"),
+    ("llava_jax.eval.textvqa", f"score --annotations {MISSING}/t.json --answers {MISSING}/a.jsonl", MISSING),
+    ("llava_jax.eval.vsr", f"score --data {MISSING}/test.jsonl --answers {MISSING}/a.jsonl", MISSING),
     ("llava_jax.eval.checkpoints", f"--workdir {MISSING}/w --val {MISSING}/v.jsonl --eval {MISSING}/e.jsonl",
      MISSING),
     ("llava_jax.eval.compare", f"--questions {MISSING}/q.jsonl --answers-a {MISSING}/a --answers-b {MISSING}/b "
@@ -61,6 +71,8 @@ EXTRA_CASES = [
     ("llava_jax.train", "--config=configs/no_such_file.py --workdir {tmp}/t", "no_such_file.py"),
     ("llava_jax.train", "--config=configs/finetune.py:demo --workdir {tmp}/t --config.optimizer.lr=abc", "abc"),
     ("llava_jax.train", "--workdir {tmp}/t", "config"),
+    ("llava_jax.data.synthetic", "--benchmarks {tmp}/b --grid 3", "grid"),
+    ("llava_jax.eval.suite", "--model a=. --suite configs/no_such_suite.py --out {tmp}/s", "no_such_suite.py"),
 ]
 ALL = CASES + EXTRA_CASES
 

@@ -2,6 +2,7 @@
 
     python -m llava_jax.data.synthetic --out DIR [--num N] [--seed S] [--num-eval M] [--image-size PX] [--grid G]
         [--noise SHARE [--noise-kinds KINDS]] [--num-val V]
+    python -m llava_jax.data.synthetic --benchmarks DIR [--seed S] [--image-size PX] [--grid G]
 
 Each image is a G x G board (G = 2 by default, or 4) holding 1-3 objects, every one with its own shape
 (circle, square, triangle, cross), its own colour (red, green, blue, yellow, purple, orange), a size (large or
@@ -25,6 +26,11 @@ an answer cut mid-sentence, a generic non-answer, exact duplicates (--noise-kind
 reads it. With --num-val V, DIR/val.jsonl holds V validation questions in eval.jsonl's layout on images of
 their own (syn_val_*.jpg). Both come from rngs of their own, so --noise 0 (the default) and --num-val 0 leave
 every file byte for byte as without them.
+
+--benchmarks DIR writes held-out scenes in the public layouts of the evaluation suite's benchmarks
+(llava_jax.data.benchmark_sets: captions, VSR statements, MME yes/no pairs, GQA, MMBench, counting and
+multi-class questions) from an rng of its own; with --out as well, the dataset under --out is byte for byte the
+same as without it.
 
 Answers are balanced so a model that ignores the image scores at chance; `score_answer` grades a reply.
 Everything is a function of the seed.
@@ -426,7 +432,7 @@ def generate(out: str | os.PathLike, num: int = 5000, seed: int = 0, num_eval: i
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (see module docstring)."""
     p = cli.ArgumentParser(prog="python -m llava_jax.data.synthetic", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None, help="dataset directory (required unless --benchmarks is given)")
     p.add_argument("--num", type=int, default=5000, help="training images")
     p.add_argument("--num-eval", type=int, default=500, help="held-out eval questions (one image each)")
     p.add_argument("--seed", type=int, default=0)
@@ -438,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="kinds of bad records, e.g. contradiction,swap or contradiction=2,swap=1 "
                         "(kinds: contradiction, swap, truncated, generic, duplicate; default: a mix of all)")
     p.add_argument("--num-val", type=int, default=0, help="validation questions (val.jsonl, images of their own)")
+    p.add_argument("--benchmarks", default=None, metavar="DIR",
+                   help="also (or only) write the benchmark layouts of llava_jax.data.benchmark_sets to DIR")
 
     def _error(message: str) -> None:
         print(f"error: {message}", file=sys.stderr)
@@ -445,7 +453,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p.error = _error  # type: ignore[method-assign]
     args = p.parse_args(argv)
+    if args.out is None and args.benchmarks is None:
+        _error("give --out DIR, --benchmarks DIR or both")
     t0 = time.perf_counter()
+    if args.benchmarks is not None:
+        from llava_jax.data.benchmark_sets import write_benchmarks
+
+        if args.grid not in (2, 4):
+            _error(f"grid must be 2 or 4 cells per side, got {args.grid}")
+        bench = write_benchmarks(args.benchmarks, seed=args.seed, image_size=args.image_size, grid=args.grid)
+        print(f"wrote benchmark layouts {bench['questions']} to {args.benchmarks}", file=sys.stderr)
+        if args.out is None:
+            return 0
     try:
         meta = generate(args.out, args.num, args.seed, args.num_eval, args.image_size, grid=args.grid,
                         noise=args.noise, noise_kinds=args.noise_kinds or None, num_val=args.num_val)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
@@ -153,3 +153,57 @@ def read_questions(path: str | os.PathLike, need: tuple[str, ...] = ("text",)) -
 def percent(numerator: float, denominator: int) -> float | None:
     """100 * numerator / denominator rounded to 2 decimals; None when there is nothing to divide."""
     return round(100.0 * numerator / denominator, 2) if denominator else None
+
+
+def read_answers_lenient(path: str | os.PathLike, key_fn: Callable[[dict], str] | None = None
+                         ) -> tuple[dict[str, dict], int]:
+    """Reads an answers file the way the breadth benchmarks score it: a row that cannot be used is counted,
+    never fatal.
+
+    Accepts JSONL or a JSON list of objects. A line that is not JSON, a row that is not an object, has no usable
+    question_id, or a reply (`text`, else `answer`) that is neither a string, a number nor null, is malformed;
+    so is a repeated question_id (the first row is kept). A null reply becomes "". `key_fn(row)` gives a row's
+    key instead of qid_key(row["question_id"]) (it may raise ValueError / TypeError / KeyError: malformed).
+    Returns:
+      ({question id key: record with its reply in `text`}, number of malformed rows).
+    """
+    if not os.path.exists(path):
+        raise EvalDataError(f"answers file not found: {path}")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+        rows = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        rows = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                rows.append(None)
+    answers: dict[str, dict] = {}
+    malformed = 0
+    for row in rows:
+        if not isinstance(row, dict) or "question_id" not in row:
+            malformed += 1
+            continue
+        try:
+            key = key_fn(row) if key_fn is not None else qid_key(row["question_id"])
+        except (ValueError, TypeError, KeyError):
+            malformed += 1
+            continue
+        if isinstance(row["question_id"], (dict, list)) or key in answers:
+            malformed += 1
+            continue
+        reply = row["text"] if "text" in row else row.get("answer")
+        if reply is None:
+            reply = ""
+        elif isinstance(reply, (int, float)) and not isinstance(reply, bool):
+            reply = str(reply)
+        elif not isinstance(reply, str):
+            malformed += 1
+            continue
+        answers[key] = {**row, "text": reply}
+    return answers, malformed

@@ -105,6 +105,11 @@ def items_from_questions(path: str | os.PathLike, image_root: str | os.PathLike 
     return items
 
 
+def with_instruction(text: str, instruction: str) -> str:
+    """`text`, then `instruction` on a new line when there is one."""
+    return f"{text}\n{instruction}" if instruction else text
+
+
 def user_message(item: PromptItem) -> str:
     """The user's turn as the model sees it: the image marker on its own line first when there is an image."""
     return f"{IMAGE_MARK}\n{item.text}" if item.image else item.text
