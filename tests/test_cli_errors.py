@@ -30,7 +30,7 @@ CASES = [
      "c.json"),
     ("llava_jax.aot", "--config=configs/finetune.py:no_such_variant", "no_such_variant"),
     ("llava_jax.clip_train", f"--config=configs/clip.py:synthetic --workdir {{tmp}}/w "
-                             f"--config.data.captions={MISSING}/c.json", "c.json"),
+                             f"--config.data.captions={MISSING}/c.json --config.data.image_root={MISSING}/img", "c.json"),
     ("llava_jax.convert", f"from-llava {MISSING}/llava --vision {MISSING}/clip {{tmp}}/m", "config.json"),
     ("llava_jax.data.build", f"--data {MISSING}/d.json --out {{tmp}}/b", "d.json"),
     ("llava_jax.data.synthetic", "--out {tmp}/s --num -3", "num"),
