@@ -2,7 +2,7 @@
 
   POST /v1/chat/completions   chat completions, `stream: true` as server-sent events ending with [DONE]
   GET  /v1/models             the one served model
-  GET  /health                {"status": "ok" | "draining", "active": n, "waiting": n}
+  GET  /health                {"status": "ok" | "draining", "active": n, "waiting": n, "finished": {reason: n}}
 
 Every refused request is an OpenAI error body with a 4xx status (`protocol.APIError`); when an API key is
 configured, /v1/* needs `Authorization: Bearer KEY` (401 otherwise). A streaming client that disconnects has
@@ -110,7 +110,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     async def health():
         e = service.engine
         status = "draining" if e._draining.is_set() else "ok"
-        return {"status": status, "active": e.active(), "waiting": e.waiting(), "model": service.model_name}
+        return {"status": status, "active": e.active(), "waiting": e.waiting(), "model": service.model_name,
+                "finished": dict(e.finished)}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -268,6 +268,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.finished: dict[str, int] = {}  # requests ended, by reason
         self.error: BaseException | None = None
 
     # ---------------------------------------------------------------------------------------- public
@@ -363,7 +364,9 @@ class Engine:
         while not self._pending.empty() and None in self._slots:
             req = self._pending.get_nowait()
             if req.cancelled.is_set():
+                self.finished["cancelled"] = self.finished.get("cancelled", 0) + 1
                 req.emit(FinishEvent("cancelled", "", [], len(req.prompt_ids)))
+                req.done.set()
                 continue
             i = self._slots.index(None)
             p = req.params
@@ -414,6 +417,7 @@ class Engine:
     def _finish(self, i: int, reason: str, error: str | None = None) -> None:
         req = self._slots[i]
         self._slots[i] = None
+        self.finished[reason] = self.finished.get(reason, 0) + 1
         text = req.tracker.final(req.tokens) if reason != "error" else ""
         rest = req.tracker.rest(req.tokens) if reason != "error" else ""
         req.emit(FinishEvent(reason, text, list(req.tokens), len(req.prompt_ids), rest, error))
