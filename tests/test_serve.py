@@ -272,6 +272,15 @@ def test_web_page_in_headless_chromium(server):
         slider = browser.find_element(By.CSS_SELECTOR, "#max-tokens input[type=number]")
         slider.clear()
         slider.send_keys("40", Keys.TAB)
+        # record every text the answer bubble shows while it streams
+        browser.execute_script("""
+            window.seen = [];
+            new MutationObserver(() => {
+              const m = document.querySelectorAll("#chat .message.bot, #chat [data-testid='bot']");
+              const t = m.length ? m[m.length - 1].innerText.trim() : "";
+              if (t && window.seen[window.seen.length - 1] !== t) window.seen.push(t);
+            }).observe(document.querySelector("#chat"), {subtree: true, childList: true, characterData: true});
+        """)
         box = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")
         box.send_keys(QUESTION, Keys.ENTER)
 
@@ -280,12 +289,32 @@ def test_web_page_in_headless_chromium(server):
             return msgs[-1].text.strip() if msgs else ""
 
         wait.until(lambda b: answer in bot_text(b))
+        seen = browser.execute_script("return window.seen")
+        partial = [t for t in seen if t and t != answer and answer.startswith(t)]
+        assert partial, f"no partial answer was shown before the full one: {seen}"  # streamed
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "serve_web_page.png"))
         assert QUESTION in browser.find_element(By.ID, "chat").text
         assert (ARTIFACTS / "serve_web_page.png").stat().st_size > 1000
     finally:
         browser.quit()
+
+
+def test_chat_cli_streams_the_same_multi_turn_answers(server, monkeypatch, capsys):
+    from llava_jax.chat import main as chat_main
+
+    first_q, second_q = QUESTION, "And what colour is it?"
+    img = _data_url(server.image_bytes)
+    one = server.chat({"model": "tiny-llava", "max_tokens": 20, "messages": [_user(first_q, img)]}).json()
+    a1 = one["choices"][0]["message"]["content"]
+    two = server.chat({"model": "tiny-llava", "max_tokens": 20, "messages": [
+        _user(first_q, img), {"role": "assistant", "content": a1}, _user(second_q)]}).json()
+    a2 = two["choices"][0]["message"]["content"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{first_q}\n{second_q}\n"))
+    assert chat_main(["--model", str(server.dir), "--image", str(server.image), "--max-new-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    answers = [part.split("\n")[0] for part in out.split("ASSISTANT: ")[1:]]
+    assert answers == [a1, a2]
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server):

@@ -24,7 +24,7 @@ from llava_jax.serve.engine import (  # noqa: E402
 )
 
 QUESTIONS = ["What is it?", "Describe the picture in detail please", "hi", "Is there a red circle on the left?",
-             "two blue squares", "Tell me a story about the image and the lazy dog."]
+             "two blue squares"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     loaded = load_model(d)
     rng = np.random.default_rng(0)
     pix = [images.preprocess(images.load_rgb(_png(rng)), loaded.image_config) for _ in range(3)]
-    engine = Engine(loaded, max_batch=4, max_len=256).start()
+    engine = Engine(loaded, max_batch=3, max_len=256).start()
     yield loaded, engine, pix
     engine.stop(30)
 
@@ -64,7 +64,7 @@ def test_greedy_equals_generate_under_continuous_batching(setup):
     for j, q in enumerate(QUESTIONS):
         p = pix[j % 3] if j % 4 != 2 else None
         ids = build_prompt_ids(loaded, q, with_image=p is not None)
-        jobs.append((ids, p, 6 + 5 * j))  # 6..31 new tokens
+        jobs.append((ids, p, 6 + 5 * j))  # 6..26 new tokens
     # more requests than slots, submitted from several threads at staggered times: later ones join while
     # earlier ones decode, and finished slots are reused
     results = [None] * len(jobs)

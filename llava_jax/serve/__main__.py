@@ -66,9 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if loaded.tokenizer is None:
         raise cli.UsageError(f"{args.model} has no tokenizer")
     engine = Engine(loaded, max_batch=args.max_batch, max_len=args.max_len).start()
-    warm = engine.submit(loaded.tokenizer("hello").input_ids, None, SamplingParams(max_tokens=2)).result()
-    if warm.reason == "error":
-        raise RuntimeError(f"the engine failed its warm-up: {warm.error}")
+    # compiles the decode step (and a text prefill) in the engine thread while the app is built
+    warm = engine.submit(loaded.tokenizer("hello").input_ids, None, SamplingParams(max_tokens=2))
     name = args.name or Path(args.model).resolve().name
     max_pixels = args.max_image_pixels or images.DEFAULT_MAX_PIXELS
     service = Service(engine, name, ImageSource(loaded.image_config, args.image_root, max_pixels))
@@ -77,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from llava_jax.serve.web import mount
 
         app = mount(app, service, api_key)
+    warm = warm.result()
+    if warm.reason == "error":
+        raise RuntimeError(f"the engine failed its warm-up: {warm.error}")
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # drain instead of re-raising the signal: exit 0 when done

@@ -31,7 +31,8 @@ def build_page(service: Service) -> gr.Blocks:
         turns_state = gr.State([])
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="image")
+                image = gr.Image(type="filepath", format="png", label="Image", sources=["upload"],
+                                 elem_id="image", height=280)
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature",
                                         elem_id="temperature")
                 max_tokens = gr.Slider(1, limit, value=min(128, limit), step=1, label="Max new tokens",
@@ -60,7 +61,8 @@ def build_page(service: Service) -> gr.Blocks:
                                                service.loaded.image_config)
                 convo = []
                 for q, a in turns[:-1]:
-                    convo += [{"from": "human", "value": q}, {"from": "gpt", "value": a or " "}]
+                    if a.strip() and not a.startswith("(error:"):  # only answered turns are history
+                        convo += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
                 convo.append({"from": "human", "value": message})
                 with service.lock:
                     ids = prompt_ids_of(service.loaded, convo, pixels is not None)
