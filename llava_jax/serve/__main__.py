@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,18 @@ def _parser() -> cli.ArgumentParser:
     return p
 
 
+def _check_bind(host: str, port: int) -> None:
+    """Raises UsageError when (host, port) cannot be listened on (busy port, unknown address)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:
+        raise cli.UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -50,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise cli.UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    _check_bind(args.host, args.port)  # before the model loads: a busy port fails fast
     host_memory.retain_freed_memory()  # XLA:CPU: reuse freed pages (before JAX's backend starts)
 
     import uvicorn
