@@ -66,6 +66,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # decode exactly max_tokens (benchmarks): EOS and template stops do not end it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,10 +170,8 @@ class Request:
 
     def result(self, timeout: float | None = None) -> FinishEvent:
         """Waits for the FinishEvent."""
-        event = None
-        for event in self.events(timeout):
-            pass
-        return event
+        *_, last = self.events(timeout)
+        return last
 
     def emit(self, event) -> None:
         self._sink(event)
@@ -306,7 +305,7 @@ class Engine:
         if self.error is not None:
             raise RuntimeError(f"the engine stopped after an error: {self.error}")
         self.check(len(prompt_ids), params)
-        stops = tuple(self.template_stops) + tuple(params.stop)
+        stops = () if params.ignore_eos else tuple(self.template_stops) + tuple(params.stop)
         req = Request(prompt_ids, pixels, params, TextTracker(self.tokenizer, stops), stops, sink)
         self._pending.put(req)
         with self._wake:
@@ -401,7 +400,9 @@ class Engine:
         req.tokens.append(token)
         self._last[i] = token
         reason = None
-        if token in self.eos_ids:
+        if req.params.ignore_eos:
+            reason = "length" if len(req.tokens) >= req.params.max_tokens else None
+        elif token in self.eos_ids:
             reason = "stop"
         elif req.stops and any(s in self.tokenizer.decode(req.tokens, skip_special_tokens=False)
                                for s in req.stops):

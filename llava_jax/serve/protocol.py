@@ -219,6 +219,9 @@ def parse_chat_request(body: Any, loaded, model_name: str, images_from: ImageSou
     extra = body.get("return_token_ids", False)
     if not isinstance(extra, bool):
         raise _bad("'return_token_ids' must be a boolean", "return_token_ids")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("'ignore_eos' must be a boolean", "ignore_eos")
     max_tokens = _integer(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens")
@@ -255,5 +258,5 @@ def parse_chat_request(body: Any, loaded, model_name: str, images_from: ImageSou
         raise _bad(f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} that exceeds the context "
                    f"of {max_len} tokens", "messages", "context_length_exceeded")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
-                            seed=seed)
+                            seed=seed, ignore_eos=ignore_eos)
     return ChatRequest(model, ids, pixels, params, stream, bool(options.get("include_usage", False)), extra)
