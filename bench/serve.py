@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's llava_jax, as the server uses
 
 import common  # noqa: E402
 import numpy as np  # noqa: E402

@@ -287,24 +287,17 @@ class LlamaForCausalLM(nnx.Module):
         else:
             start = cache["index"]
 
-            def write_rows(layer_cache, new, axis):  # [B, ...] rows, each written at its own index
-                def one(row, upd, s):
-                    at = [0] * row.ndim
-                    at[axis] = s
-                    return jax.lax.dynamic_update_slice(row, upd, at)
-                return jax.vmap(one)(layer_cache, new, start)
+            if per_row:  # row b's T new entries go to slots start[b] + [0, T): one in-place scatter per layer
+                rows = jnp.arange(b)[:, None]
+                at = jnp.minimum(q_slots, valid.shape[1] - 1)  # [B, T]
 
             def body(carry, xs):
                 x, ck, cv = carry
                 w, i = xs
                 q, k, v = qkv(x, w)
-                if per_row:
-                    ck_i = write_rows(jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False),
-                                      k.astype(ck.dtype).transpose(0, 2, 3, 1), 2)
-                    cv_i = write_rows(jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False),
-                                      v.astype(cv.dtype).transpose(0, 2, 1, 3), 1)
-                    ck = jax.lax.dynamic_update_index_in_dim(ck, ck_i, i, 0)
-                    cv = jax.lax.dynamic_update_index_in_dim(cv, cv_i, i, 0)
+                if per_row:  # advanced indices first: the updates are [B, T, K, H]
+                    ck = ck.at[i, rows, :, :, at].set(k.astype(ck.dtype), mode="promise_in_bounds")
+                    cv = cv.at[i, rows, :, at, :].set(v.astype(cv.dtype), mode="promise_in_bounds")
                 else:
                     k_t = k.astype(ck.dtype).transpose(0, 2, 3, 1)[None]  # [1, B, K, H, T]
                     ck = jax.lax.dynamic_update_slice(ck, k_t, (i, 0, 0, 0, start))
