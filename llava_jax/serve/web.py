@@ -7,9 +7,13 @@ user turn) and decodes through the same engine, so it shares the slots with API 
 
 from __future__ import annotations
 
-import gradio as gr
+import os
 
-from llava_jax.data import images
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page never phones home
+
+import gradio as gr  # noqa: E402
+
+from llava_jax.data import images  # noqa: E402
 from llava_jax.serve.app import Service
 from llava_jax.serve.engine import FinishEvent, SamplingParams
 from llava_jax.serve.protocol import APIError, ChatRequest, prompt_ids_of
