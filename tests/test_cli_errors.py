@@ -56,6 +56,8 @@ CASES = [
     ("llava_jax.eval.scienceqa", f"score --data-dir {MISSING}/sqa --answers {MISSING}/a.jsonl", MISSING),
     ("llava_jax.eval.vqa", f"score --annotations {MISSING}/an.json --answers {MISSING}/a.jsonl", MISSING),
     ("llava_jax.generate", f"--model {MISSING}/m --prompt hi", f"{MISSING}/m"),
+    ("llava_jax.serve", f"--model {MISSING}/m --port 0", f"{MISSING}/m"),
+    ("llava_jax.chat", f"--model {MISSING}/m --image {MISSING}/i.png", f"{MISSING}/m"),
     ("llava_jax.train", "--config=configs/finetune.py:demo --workdir {tmp}/t --config.data.no_such_key=1",
      "--config.data.no_such_key: the config has no field 'no_such_key'"),
     ("selection.cluster", f"--embeddings {MISSING}/e.npy --out {{tmp}}/l.npy", "e.npy"),
@@ -68,6 +70,8 @@ CASES = [
 EXTRA_CASES = [
     ("llava_jax.convert", "frobnicate", "frobnicate"),
     ("llava_jax.generate", "--prompt hi", "--model"),
+    ("llava_jax.serve", "--model {tmp} --api-key-env LLAVA_JAX_UNSET_KEY_VAR", "LLAVA_JAX_UNSET_KEY_VAR"),
+    ("llava_jax.serve", f"--model {{tmp}} --image-root {MISSING}/img", f"{MISSING}/img"),
     ("llava_jax.train", "--config=configs/no_such_file.py --workdir {tmp}/t", "no_such_file.py"),
     ("llava_jax.train", "--config=configs/finetune.py:demo --workdir {tmp}/t --config.optimizer.lr=abc", "abc"),
     ("llava_jax.train", "--workdir {tmp}/t", "config"),

@@ -210,7 +210,8 @@ class LlamaForCausalLM(nnx.Module):
           attention_mask: [B, T] 1 for tokens, 0 for padding (left or right); all ones by default.
           positions: [B, T] rotary positions; by default the count of real tokens before each one (so left
             padding gets correct positions), continuing from the cache when one is given.
-          cache: a KV cache from `init_cache` (or a previous call); the T new tokens are written at its index.
+          cache: a KV cache from `init_cache` (or a previous call); the T new tokens are written at its index
+            (a scalar; or, for a slot cache whose rows hold unrelated sequences, an index per row [B]).
           return_hidden: return the final-norm'd hidden states [B, T, D] instead of logits.
         Returns:
           (logits [B, T, V] — or hidden [B, T, D] — , the updated cache or None).
@@ -221,20 +222,27 @@ class LlamaForCausalLM(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         attention_mask = attention_mask.astype(jnp.int32)
+        per_row = cache is not None and cache["index"].ndim == 1  # a slot cache: one write index per row
         if cache is None:
             valid = attention_mask
-            q_slots = jnp.arange(t)
+            q_slots = jnp.arange(t)[None]  # [1, T]
             k_slots = jnp.arange(t)
+        elif per_row:
+            start = cache["index"]  # [B]
+            valid = jax.vmap(lambda row, m, s: jax.lax.dynamic_update_slice(row, m, (s,)))(
+                cache["valid"], attention_mask, start)
+            q_slots = start[:, None] + jnp.arange(t)[None]  # [B, T]
+            k_slots = jnp.arange(valid.shape[1])
         else:
             start = cache["index"]
             valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, start))
-            q_slots = start + jnp.arange(t)
+            q_slots = (start + jnp.arange(t))[None]
             k_slots = jnp.arange(valid.shape[1])
         if positions is None:
             before = jnp.cumsum(valid, axis=1) - 1
-            positions = jnp.maximum(jnp.take(before, q_slots, axis=1), 0)
-        causal = (k_slots[None, :] <= q_slots[:, None]) & (valid[:, None, :] > 0)  # [B, T, S]
-        causal = causal | (k_slots[None, :] == q_slots[:, None])[None]  # padded queries see themselves
+            positions = jnp.maximum(jnp.take_along_axis(before, jnp.broadcast_to(q_slots, (b, t)), axis=1), 0)
+        causal = (k_slots[None, None, :] <= q_slots[:, :, None]) & (valid[:, None, :] > 0)  # [B, T, S]
+        causal = causal | (k_slots[None, None, :] == q_slots[:, :, None])  # padded queries see themselves
         mask = causal[:, None]  # [B, 1, T, S]
         inv_freq = jnp.asarray(rope_inv_freq(c))
         nq, nk, hd, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
@@ -279,13 +287,22 @@ class LlamaForCausalLM(nnx.Module):
         else:
             start = cache["index"]
 
+            if per_row:  # row b's T new entries go to slots start[b] + [0, T): one in-place scatter per layer
+                rows = jnp.arange(b)[:, None]
+                at = jnp.minimum(q_slots, valid.shape[1] - 1)  # [B, T]
+
             def body(carry, xs):
                 x, ck, cv = carry
                 w, i = xs
                 q, k, v = qkv(x, w)
-                k_t = k.astype(ck.dtype).transpose(0, 2, 3, 1)[None]  # [1, B, K, H, T]
-                ck = jax.lax.dynamic_update_slice(ck, k_t, (i, 0, 0, 0, start))
-                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype).transpose(0, 2, 1, 3)[None], (i, 0, 0, start, 0))
+                if per_row:  # advanced indices first: the updates are [B, T, K, H]
+                    ck = ck.at[i, rows, :, :, at].set(k.astype(ck.dtype), mode="promise_in_bounds")
+                    cv = cv.at[i, rows, :, at, :].set(v.astype(cv.dtype), mode="promise_in_bounds")
+                else:
+                    k_t = k.astype(ck.dtype).transpose(0, 2, 3, 1)[None]  # [1, B, K, H, T]
+                    ck = jax.lax.dynamic_update_slice(ck, k_t, (i, 0, 0, 0, start))
+                    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype).transpose(0, 2, 1, 3)[None],
+                                                      (i, 0, 0, start, 0))
                 k_all = jax.lax.dynamic_index_in_dim(ck, i, 0, keepdims=False).astype(dtype)
                 v_all = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(dtype)
                 return (attend_and_mlp(x, w, k_all, v_all, q), ck, cv), None
