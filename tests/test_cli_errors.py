@@ -59,6 +59,10 @@ EXTRA_CASES = [
     ("llava_jax.convert", "frobnicate", "frobnicate"),
     ("llava_jax.generate", "--prompt hi", "--model"),
     ("llava_jax.train", "--config=configs/no_such_file.py --workdir {tmp}/t", "no_such_file.py"),
+    ("llava_jax.train", "--config=configs/finetune.py:demo_lora --workdir {tmp}/t --config.lora.rank=-2",
+     "LoRA rank"),
+    ("llava_jax.convert", f"from-peft {MISSING}/p --base {MISSING}/b {{tmp}}/m", "adapter_config.json"),
+    ("llava_jax.convert", f"to-peft {MISSING}/w {{tmp}}/p", MISSING),
     ("llava_jax.train", "--config=configs/finetune.py:demo --workdir {tmp}/t --config.optimizer.lr=abc", "abc"),
     ("llava_jax.train", "--workdir {tmp}/t", "config"),
 ]
