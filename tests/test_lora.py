@@ -317,7 +317,8 @@ def test_from_peft_round_trips_ours_and_llava_layout(lora_dirs, tmp_path):
 
 
 def test_mesh_2x2x2_equals_one_device_with_lora():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # this checkout's package
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
@@ -351,5 +352,4 @@ def _child() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     _child()
