@@ -2,8 +2,8 @@
 projector, exact resume after SIGKILL (also of a LoRA run), SIGTERM saves and exits 0, a NaN loss stops naming the step, and
 two jax.distributed processes on 127.0.0.1 give the losses of one process with the same global batch.
 
-Each trainer process costs ~15 s of CPU (import + compile); the SIGTERM and NaN checks are marked slow
-(run them with `pytest -m slow tests/test_train_cli.py`).
+Each trainer process costs ~15 s of CPU (import + compile); the SIGTERM, NaN and LoRA-resume checks are marked
+slow (run them with `pytest -m slow tests/test_train_cli.py`).
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ LORA = ("--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.dropout=
         "--config.trainable=('^projector/','_lora_[ab]$')", "--config.optimizer.projector_lr=1e-3")
 
 
+@pytest.mark.slow  # three more trainer processes (~50 s on an idle 2-core machine): pytest -m slow
 def test_lora_exact_resume_after_sigkill(setup):
     reference = setup / "lora_ref"
     proc = subprocess.run(_cmd(setup, reference, *LORA), capture_output=True, text=True, env=_env(), cwd=REPO,
