@@ -7,6 +7,9 @@
 Variants: `demo` (tiny CPU demo; ends with the held-out eval into WORKDIR/eval.json), `7b`, `13b`
 (LLaVA-1.5's recipe: lr 2e-5, global batch 128, 1 epoch, vicuna_v1 template, `pad` images, AdamW,
 weight decay 0, cosine with 3% warmup, clip 1.0, max length 2048). `init_from` is the stage-1 workdir.
+`7b_lora`, `13b_lora`: LLaVA's LoRA recipe (finetune_lora.sh): adapters of rank 128, alpha 256, dropout 0.05
+on every linear layer of the LLM, lr 2e-4, projector lr 2e-5, the rest as above; the frozen base is held in
+bf16 and only the adapters and the projector train (and are checkpointed). `demo_lora`: the demo with LoRA.
 Every value can be overridden with --config.key=value.
 """
 
@@ -25,9 +28,34 @@ def _pretrain_module():
     return module
 
 
+def lora_config(c: ml_collections.ConfigDict) -> None:
+    """LLaVA's LoRA recipe on top of a stage-2 config: adapters and projector train, the LLM base is frozen."""
+    c.trainable = ("^projector/", "_lora_[ab]$")
+    c.lora.rank = 128
+    c.lora.alpha = 256.0
+    c.lora.dropout = 0.05
+    c.optimizer.lr = 2e-4
+    c.optimizer.projector_lr = 2e-5
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Stage-2 config for variant `arg` in {demo, 7b, 13b} (default 7b)."""
+    """Stage-2 config for variant `arg` in {demo, 7b, 13b, demo_lora, 7b_lora, 13b_lora} (default 7b)."""
     variant = arg or "7b"
+    if variant in ("demo_lora", "7b_lora", "13b_lora"):
+        c = get_config(variant[: -len("_lora")])
+        lora_config(c)
+        if variant == "demo_lora":
+            # The demo's LLM is random before stage 2, so the adapters carry all of its language learning: a
+            # rank of half the width (128), and the full demo's learning rate on the projector.
+            c.lora.rank = 64
+            c.lora.alpha = 128.0
+            c.optimizer.lr = 2e-3
+            c.optimizer.projector_lr = 1e-3
+        else:
+            c.lora.base_dtype = "bfloat16"
+            # Fits per `python -m llava_jax.aot` (BENCHMARKS.md): 7b_lora on v5e-8, 13b_lora on v5e-16.
+            c.grad_accum_steps = 8  # micro-batch 16: 2 sequences per chip on v5e-8, 1 on v5e-16
+        return c
     pretrain = _pretrain_module()
     c = pretrain.base_config()
     c.stage = "finetune"
@@ -62,5 +90,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.image_root = "runs/demo/data/images"
         c.eval.max_new_tokens = 12  # replies are short sentences: "The circle is red."
     else:
-        raise ValueError(f"unknown variant {variant!r}: demo, 7b or 13b")
+        raise ValueError(f"unknown variant {variant!r}: demo, 7b, 13b, demo_lora, 7b_lora or 13b_lora")
     return c

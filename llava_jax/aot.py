@@ -128,6 +128,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
     mcfg: a LlavaConfig replacing the config's `model.arch` preset; unroll_layers: unroll both layer
     stacks (so that XLA's cost analysis sees every layer)."""
     from llava_jax.models.llava import Llava, set_scan_unroll
+    from llava_jax.models.lora import lora_spec_of
 
     train_config.check_attention_impl(cfg)
     mcfg = mcfg or arch_config(cfg.model.arch)
@@ -142,6 +143,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
         model = Llava(mcfg, dtype=train_config.dtype_of(cfg.model.dtype),
                       param_dtype=train_config.dtype_of(cfg.model.param_dtype),
                       rngs=nnx.Rngs(0), attention_impl=cfg.model.attention_impl or None, remat=remat)
+        T.prepare_lora(model, cfg, trainable)  # the config's LoRA adapters and frozen-base dtype, as the trainer
         return model, nnx.Optimizer(model, tx, wrt=trainable)
 
     model, optimizer = nnx.eval_shape(build)
@@ -149,8 +151,10 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
         set_scan_unroll(model, True)
     parts = T.split_parts(model, optimizer, trainable)
     batch_sh = T.batch_shardings_for(mesh, rules)
+    lora_spec = lora_spec_of(model)
     step = T.make_step_fn(parts, accum=cfg.grad_accum_steps, batch_constraint=T.micro_batch_constraint(mesh, rules),
-                          loss_budget=cfg.model.loss_budget or None, loss_chunk=cfg.model.loss_chunk)
+                          loss_budget=cfg.model.loss_budget or None, loss_chunk=cfg.model.loss_chunk,
+                          dropout_seed=cfg.seed if lora_spec is not None and lora_spec.dropout > 0 else None)
     jitted, p_sh, o_sh = T.jit_step(step, parts, mesh, rules, batch_sh)
     f_sh = sharding.state_shardings(parts.frozen, mesh, rules)
     r_sh = sharding.state_shardings(parts.rest, mesh, rules)

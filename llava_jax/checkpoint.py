@@ -245,6 +245,10 @@ def load_trained_model(workdir: str | Path, *, dtype: Any = None, param_dtype: A
     dtype = dtype or jnp.float32
     param_dtype = param_dtype or jnp.float32
     loaded = load_base_model(info["init_from"], dtype=dtype, param_dtype=param_dtype)
+    if info.get("lora"):  # a LoRA run: the adapters are in the checkpoint, the base has none (or the same ones)
+        from llava_jax.models import lora
+
+        lora.add_lora(loaded.model.language_model, lora.LoraSpec.from_json(info["lora"]))
     params = nnx.state(loaded.model, trainable_filter(info["trainable"]))
     _, restored = restore_params(workdir / CHECKPOINT_SUBDIR, params, step=step)
     nnx.replace_by_pure_dict(params, restored)

@@ -125,9 +125,11 @@ def hidden_cross_entropy(hidden: jax.Array, labels: jax.Array, head: jax.Array, 
 def llava_loss(model, batch: dict[str, jax.Array], *, budget_fraction: float | None = 0.5,
                chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """(summed loss, supervised count) of a LLaVA model on a batch dict with input_ids, labels,
-    attention_mask [B, T], pixel_values [B, H, W, 3] and has_image [B]."""
+    attention_mask [B, T], pixel_values [B, H, W, 3] and has_image [B] (and optionally `lora_key`, the PRNG
+    key of the LoRA adapters' dropout)."""
+    extra = {"lora_key": batch["lora_key"]} if batch.get("lora_key") is not None else {}
     hidden, _ = model(batch["input_ids"], batch.get("pixel_values"), batch.get("has_image"),
-                      batch.get("attention_mask"), return_hidden=True)
+                      batch.get("attention_mask"), return_hidden=True, **extra)
     budget = supervised_budget(batch["input_ids"].shape[1], budget_fraction)
     return hidden_cross_entropy(hidden, batch["labels"], model.language_model.head_kernel(), budget=budget,
                                 chunk=chunk)

@@ -101,8 +101,10 @@ def model_flops_per_step(mcfg: Any, batch: int, length: int, trains: dict[str, b
 
 
 def trained_parts(params: nnx.State) -> dict[str, bool]:
-    """Which top-level parts (vision_tower, projector, language_model) have trainable parameters."""
-    tops = {str(p[0]) for p, _ in nnx.to_flat_state(params)}
+    """Which top-level parts (vision_tower, projector, language_model) have trainable parameters. LoRA adapters
+    (`*_lora_a/b`) do not count: their part's weights get no gradient, its backward pass only carries one
+    through (the adapters' own matmuls are left out of the count)."""
+    tops = {str(p[0]) for p, _ in nnx.to_flat_state(params) if "_lora_" not in str(p[-1])}
     return {name: name in tops for name in ("vision_tower", "projector", "language_model")}
 
 

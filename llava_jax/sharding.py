@@ -47,6 +47,7 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("norm", None),
     ("head_dim", None),
+    ("lora_rank", None),
 )
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,9 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     def one(x: Any) -> Any:
         if isinstance(x, nnx.Variable):
             names = _variable_names(x)
-            shape = getattr(x.get_value(), "shape", ())
+            if not hasattr(x.get_value(), "shape"):  # no array (optax's masked-out state of another group)
+                return x
+            shape = x.get_value().shape
             if names is not None and len(names) != len(shape):
                 raise ValueError(f"logical names {names} do not match the shape {shape}")
             return x.replace(NamedSharding(mesh, logical_to_spec(names, rules, shape=shape, mesh=mesh)))

@@ -7,6 +7,9 @@ Bannered sections, in the order they run: mesh -> model -> data -> shard -> step
 The workdir receives metrics.jsonl, TensorBoard events (tb/), checkpoints/ (trainable parameters,
 optimizer state, step and data-iterator state), run.json (where the frozen weights come from) and, for
 configs with an eval file, eval.json. Rerunning the same command resumes from the latest checkpoint.
+With `lora.rank` > 0 (configs/finetune.py:*_lora) the language model gets LoRA adapters (llava_jax.models.lora)
+before the split: they and the projector train, the base stays frozen (optionally in bf16, `lora.base_dtype`),
+and run.json records the adapters' spec so the workdir rebuilds (and `convert to-hf` merges) them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from llava_jax import checkpoint as ckpt
 from llava_jax import cli, host_memory, sharding
 from llava_jax import metrics as train_metrics
 from llava_jax.loss import IGNORE_INDEX, llava_loss
+from llava_jax.models import lora as lora_lib
 from llava_jax.train_config import ConfigError, check_attention_impl, dtype_of
 
 log = logging.getLogger("llava_jax.train")
@@ -193,6 +197,32 @@ def load_model(cfg: ml_collections.ConfigDict) -> Any:
                                 param_dtype=dtype_of(cfg.model.param_dtype))
 
 
+def prepare_lora(model: Any, cfg: ml_collections.ConfigDict, trainable: Any) -> lora_lib.LoraSpec | None:
+    """Adds the config's LoRA adapters to the language model (seeded by cfg.seed; kept when the model already
+    has the same ones) and, with `lora.base_dtype`, casts the frozen parameters to that dtype. Returns the
+    model's LoraSpec (None without adapters). Works on concrete and abstract (eval_shape) models."""
+    try:
+        spec = lora_lib.spec_from_config(cfg.lora)
+    except lora_lib.LoraConfigError as e:
+        raise ConfigError(str(e)) from None
+    if spec is not None:
+        try:
+            lora_lib.add_lora(model.language_model, spec, seed=cfg.seed)
+        except lora_lib.LoraConfigError as e:
+            raise ConfigError(f"init_from {cfg.init_from}: {e}") from None
+        adapters = nnx.state(model, lambda path, v: isinstance(v, nnx.Param) and "_lora_" in str(path[-1]))
+        untrained = [path_key(p) for p, v in nnx.to_flat_state(adapters) if not trainable(p, v)]
+        if untrained:
+            raise ConfigError(f"LoRA is on but the trainable patterns {list(cfg.trainable)} leave the adapters "
+                              f"{untrained[:3]} frozen; add '_lora_[ab]$'")
+    if cfg.lora.base_dtype:
+        dtype = dtype_of(cfg.lora.base_dtype)
+        frozen = nnx.state(model, nnx.All(nnx.Param, nnx.Not(trainable)))
+        nnx.update(model, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                       frozen))
+    return lora_lib.lora_spec_of(model)
+
+
 def count_params(state: nnx.State) -> int:
     """Number of scalars in a state."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
@@ -296,13 +326,15 @@ def split_parts(model: Any, optimizer: nnx.Optimizer, trainable: Any) -> StepPar
 
 
 def make_step_fn(parts: StepParts, *, accum: int, batch_constraint: Callable | None = None,
-                 loss_budget: float | None = 0.5, loss_chunk: int = 0) -> Callable:
+                 loss_budget: float | None = 0.5, loss_chunk: int = 0, dropout_seed: int | None = None) -> Callable:
     """The pure train step: (params, opt_state, frozen, rest, batch) -> (params, opt_state, metrics).
 
     Gradients are summed over `accum` micro-batches (lax.scan) and divided by the total count of
     supervised tokens, so accum x micro-batch equals one batch of the same global size. The batch's
     leading axis B is split as [B / accum, accum] so every micro-batch spans all data shards.
     The loss is `llava_jax.loss.llava_loss` (supervised positions only; `loss_budget` / `loss_chunk`).
+    With `dropout_seed` the LoRA dropout key of each step is fold_in(key(dropout_seed), optimizer step count)
+    (split per micro-batch), so a resumed run draws the same masks.
     metrics: loss (mean per token), tokens, grad_norm, all scalars.
     """
     graphdef, opt_graphdef = parts.graphdef, parts.opt_graphdef
@@ -314,7 +346,13 @@ def make_step_fn(parts: StepParts, *, accum: int, batch_constraint: Callable | N
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(params, opt_state, frozen, rest, batch):
+        key = None
+        if dropout_seed is not None:
+            count = nnx.merge(opt_graphdef, opt_state).step[...]
+            key = jax.random.fold_in(jax.random.key(dropout_seed), count)
         if accum == 1:
+            if key is not None:
+                batch = dict(batch, lora_key=key)
             (loss_sum, count), grads = grad_fn(params, frozen, rest, batch)
         else:
             def split(x: jax.Array) -> jax.Array:
@@ -323,6 +361,8 @@ def make_step_fn(parts: StepParts, *, accum: int, batch_constraint: Callable | N
                 return batch_constraint(y) if batch_constraint is not None else y
 
             micro_batches = {k: split(v) for k, v in batch.items()}
+            if key is not None:
+                micro_batches["lora_key"] = jax.random.split(key, accum)
 
             def body(carry, micro):
                 g_acc, l_acc, c_acc = carry
@@ -439,6 +479,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if cfg.batch_size % cfg.grad_accum_steps:
         raise ConfigError(f"batch_size {cfg.batch_size} does not divide by grad_accum_steps {cfg.grad_accum_steps}")
     check_attention_impl(cfg)
+    try:
+        lora_lib.spec_from_config(cfg.lora)  # a bad LoRA setting fails before any model is loaded
+    except lora_lib.LoraConfigError as e:
+        raise ConfigError(str(e)) from None
 
     maybe_initialize_distributed(cfg)  # before anything touches the XLA backend (even jax.process_index)
     if cfg.model.attention_impl == "flash_tpu" and jax.default_backend() != "tpu":
@@ -462,6 +506,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     model = loaded.model
     set_runtime_options(model, remat=cfg.model.remat, attention_impl=cfg.model.attention_impl or None)
     trainable = ckpt.trainable_filter(cfg.trainable)
+    lora_spec = prepare_lora(model, cfg, trainable)
+    if lora_spec is not None:
+        info(f"LoRA on {list(lora_spec.targets)}: rank {lora_spec.rank}, alpha {lora_spec.alpha:g}, dropout "
+             f"{lora_spec.dropout:g}; base weights held in {cfg.lora.base_dtype or cfg.model.param_dtype}")
     n_total = count_params(nnx.state(model, nnx.Param))
     n_train = count_params(nnx.state(model, trainable))
     if n_train == 0:
@@ -492,7 +540,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
     banner("step")
     step_fn = make_step_fn(parts, accum=cfg.grad_accum_steps, batch_constraint=micro_batch_constraint(mesh, rules),
-                           loss_budget=cfg.model.loss_budget or None, loss_chunk=cfg.model.loss_chunk)
+                           loss_budget=cfg.model.loss_budget or None, loss_chunk=cfg.model.loss_chunk,
+                           dropout_seed=cfg.seed if lora_spec is not None and lora_spec.dropout > 0 else None)
     jitted, _, _ = jit_step(step_fn, parts, mesh, rules, batch_shardings)
     with jax.set_mesh(mesh):
         flops_per_step = train_metrics.model_flops_per_step(loaded.config, cfg.batch_size, cfg.data.max_length,
@@ -504,7 +553,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         ckpt.write_run_info(workdir, init_from=cfg.init_from, trainable=list(cfg.trainable),
-                            extra={"stage": cfg.stage, "config": json.loads(cfg.to_json_best_effort())})
+                            extra={"stage": cfg.stage, "config": json.loads(cfg.to_json_best_effort()),
+                                   "lora": lora_spec.to_json() if lora_spec is not None else None})
     checkpointer = ckpt.TrainCheckpointer(workdir / ckpt.CHECKPOINT_SUBDIR, keep=cfg.checkpoint.keep,
                                           every_steps=cfg.checkpoint.every_steps, use_async=cfg.checkpoint.use_async)
     start_step = 0

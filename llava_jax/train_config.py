@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from llava_jax import sharding
+from llava_jax.models.lora import DEFAULT_TARGET_PATTERNS
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,15 @@ def base_config() -> ml_collections.ConfigDict:
     # Which parameters train: regexes searched in 'a/b/c' parameter paths; everything else is frozen.
     c.trainable = ("^projector/",)
     c.projector_pattern = "^projector/"  # gets optimizer.projector_lr when that is > 0
+
+    # LoRA adapters on the language model's linear layers (llava_jax.models.lora); rank 0 = off. With LoRA,
+    # `trainable` must match the adapters (`_lora_[ab]$`); the base weights it does not match stay frozen.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # scale = alpha / rank
+    c.lora.dropout = 0.0  # on the adapter input, training only
+    c.lora.targets = DEFAULT_TARGET_PATTERNS  # regexes searched in 'language_model/{q,k,v,o,gate,up,down}_kernel'
+    c.lora.base_dtype = ""  # '' = model.param_dtype; 'bfloat16' holds the frozen weights in bf16
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "llava_json"  # llava_json | random (fixed-shape random tokens, for AOT/benchmarks)

@@ -1,9 +1,9 @@
 """The trainer through its command line on a tiny model and the synthetic set: stage 1 trains only the
-projector, exact resume after SIGKILL, SIGTERM saves and exits 0, a NaN loss stops naming the step, and
+projector, exact resume after SIGKILL (also of a LoRA run), SIGTERM saves and exits 0, a NaN loss stops naming the step, and
 two jax.distributed processes on 127.0.0.1 give the losses of one process with the same global batch.
 
-Each trainer process costs ~15 s of CPU (import + compile); the SIGTERM and NaN checks are marked slow
-(run them with `pytest -m slow tests/test_train_cli.py`).
+Each trainer process costs ~15 s of CPU (import + compile); the SIGTERM, NaN and LoRA-resume checks are marked
+slow (run them with `pytest -m slow tests/test_train_cli.py`).
 """
 
 from __future__ import annotations
@@ -110,9 +110,11 @@ def test_stage1_changes_only_the_projector(setup, reference_run):
     assert stored
 
 
-def test_exact_resume_after_sigkill(setup, reference_run):
-    workdir = setup / "killed"
-    proc = subprocess.Popen(_cmd(setup, workdir, "--config.debug.step_sleep_s=1.0", "--config.checkpoint.use_async=false"),
+def _kill_and_resume(setup, workdir: Path, reference: Path, *extra: str) -> str:
+    """Runs `extra`'s training into `workdir`, SIGKILLs it once checkpoint 4 exists, reruns the same command and
+    checks that losses and parameters equal the uninterrupted `reference` run. Returns the rerun's output."""
+    proc = subprocess.Popen(_cmd(setup, workdir, *extra, "--config.debug.step_sleep_s=1.0",
+                                 "--config.checkpoint.use_async=false"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / "4").is_dir():
@@ -123,16 +125,45 @@ def test_exact_resume_after_sigkill(setup, reference_run):
     proc.wait()
     killed_at = max(_losses(workdir))
     assert killed_at < STEPS
-    rerun = subprocess.run(_cmd(setup, workdir), capture_output=True, text=True, env=_env(), cwd=REPO, timeout=600)
+    rerun = subprocess.run(_cmd(setup, workdir, *extra), capture_output=True, text=True, env=_env(), cwd=REPO,
+                           timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from step 4" in rerun.stdout
-    ref_losses, losses = _losses(reference_run[0]), _losses(workdir)
+    ref_losses, losses = _losses(reference), _losses(workdir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step in range(5, STEPS + 1):
         assert losses[step] == ref_losses[step], (step, losses[step], ref_losses[step])
-    ref, got = _params(reference_run[0]), _params(workdir)
+    ref, got = _params(reference), _params(workdir)
+    assert ref.keys() == got.keys()
     for k in ref:
         assert np.array_equal(ref[k], got[k]), k
+    return rerun.stdout
+
+
+def test_exact_resume_after_sigkill(setup, reference_run):
+    _kill_and_resume(setup, setup / "killed", reference_run[0])
+
+
+# LoRA (configs/finetune.py:demo_lora's settings on the tiny model): adapters with dropout + projector at its own
+# learning rate; the checkpoints hold only those.
+LORA = ("--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.dropout=0.1",
+        "--config.trainable=('^projector/','_lora_[ab]$')", "--config.optimizer.projector_lr=1e-3")
+
+
+@pytest.mark.slow  # three more trainer processes (~50 s on an idle 2-core machine): pytest -m slow
+def test_lora_exact_resume_after_sigkill(setup):
+    reference = setup / "lora_ref"
+    proc = subprocess.run(_cmd(setup, reference, *LORA), capture_output=True, text=True, env=_env(), cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "LoRA on ['q', 'k', 'v', 'o', 'gate', 'up', 'down']: rank 4" in proc.stdout
+    meta = json.loads((reference / "checkpoints" / "6" / "params" / "_METADATA").read_text())
+    stored = set(meta["tree_metadata"])  # "('language_model', 'q_lora_a')", ...
+    assert any("q_lora_b" in k for k in stored) and any("'projector'" in k for k in stored), stored
+    assert all("_lora_" in k or "'projector'" in k for k in stored), stored  # only what trains
+    _kill_and_resume(setup, setup / "lora_killed", reference, *LORA)
+    params = _params(reference)  # the rebuilt workdir model carries the adapters, and they trained
+    assert np.any(params["language_model/q_lora_b"])
 
 
 @pytest.mark.slow

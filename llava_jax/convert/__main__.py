@@ -1,10 +1,12 @@
-"""python -m llava_jax.convert {from-hf, from-llava, compose, to-hf}
+"""python -m llava_jax.convert {from-hf, from-llava, compose, to-hf, clip-to-hf, to-peft, from-peft}
 
   python -m llava_jax.convert from-hf HF_LLAVA_DIR OUT_DIR
   python -m llava_jax.convert from-llava LLAVA_DIR --vision CLIP_DIR OUT_DIR   (PyTorch LLaVA repo checkpoint)
   python -m llava_jax.convert compose --vision CLIP_DIR --text LLAMA_DIR --projector mlp2x_gelu OUT_DIR
       [--projector-weights mm_projector.bin]   (a stage-1 projector of the PyTorch LLaVA repo)
-  python -m llava_jax.convert to-hf MODEL_OR_WORKDIR OUT_HF_DIR [--dtype bfloat16]
+  python -m llava_jax.convert to-hf MODEL_OR_WORKDIR OUT_HF_DIR [--dtype bfloat16]   (LoRA adapters merged)
+  python -m llava_jax.convert to-peft WORKDIR OUT_PEFT_DIR [--base-name HF_BASE]     (a LoRA run's adapters)
+  python -m llava_jax.convert from-peft PEFT_DIR --base MODEL OUT_DIR [--merge]     (PEFT / LLaVA LoRA adapter)
   python -m llava_jax.convert clip-to-hf CLIP_WORKDIR_OR_DIR OUT_HF_DIR [--dtype float32]
 """
 
@@ -64,6 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     k.add_argument("model")
     k.add_argument("out_dir")
     k.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    e = sub.add_parser("to-peft", help="LoRA workdir / model dir -> PEFT adapter dir (+ LLaVA's projector file)")
+    e.add_argument("model")
+    e.add_argument("out_dir")
+    e.add_argument("--base-name", default=None, help="recorded as base_model_name_or_path (the HF base dir)")
+    f = sub.add_parser("from-peft", help="PEFT LoRA adapter dir (ours or LLaVA's) + base model -> model dir")
+    f.add_argument("peft_dir")
+    f.add_argument("--base", required=True, help="the model the adapter was trained on (any model path)")
+    f.add_argument("--merge", action="store_true", help="merge the adapters into the weights (a plain model)")
+    f.add_argument("out_dir")
     args = p.parse_args(argv)
 
     from llava_jax.convert.model_dir import load_hf_llava, load_model, save_model_dir
@@ -86,6 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vision_feature_select_strategy=args.vision_feature_select_strategy,
                 image_aspect=args.image_aspect, pad_to_multiple_of=args.pad_vocab_to, template=args.template,
                 seed=args.seed, projector_weights=args.projector_weights)
+        print(f"wrote {args.out_dir}")
+    elif args.command == "to-peft":
+        from llava_jax.convert.peft_io import export_peft
+
+        export_peft(load_model(args.model), args.out_dir, base_model=args.base_name)
+        print(f"wrote {args.out_dir}")
+    elif args.command == "from-peft":
+        from llava_jax.convert.params import flat_params, to_numpy
+        from llava_jax.convert.peft_io import import_peft
+        from llava_jax.models import lora
+
+        loaded = import_peft(args.peft_dir, args.base)
+        spec = lora.lora_spec_of(loaded.model)
+        params = lora.merge_flat(to_numpy(flat_params(loaded.model)), spec) if args.merge else None
+        save_model_dir(args.out_dir, loaded.model, loaded.config, loaded.tokenizer, loaded.image_config,
+                       template=loaded.template, source_dtype=loaded.source_dtype, params=params,
+                       lora_spec=None if args.merge else spec)
         print(f"wrote {args.out_dir}")
     elif args.command == "from-llava":
         from llava_jax.convert.llava_repo import convert_llava_repo

@@ -19,6 +19,7 @@ from llava_jax.convert.model_dir import LoadedModel
 from llava_jax.convert.params import flat_params, to_numpy
 from llava_jax.convert.safetensors_io import write_sharded
 from llava_jax.io import atomic_write_json
+from llava_jax.models import lora
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": "bfloat16"}
 
@@ -75,7 +76,8 @@ def chat_template_for(template_name: str) -> str | None:
 
 def export_hf(loaded: LoadedModel, out_dir: str | os.PathLike, dtype: str | None = None,
               max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Writes `loaded` as a transformers LLaVA directory; `dtype` defaults to the dtype the model came in."""
+    """Writes `loaded` as a transformers LLaVA directory; `dtype` defaults to the dtype the model came in.
+    LoRA adapters are merged into the base weights, so the result is a plain LLaVA."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     cfg = loaded.config
@@ -85,6 +87,9 @@ def export_hf(loaded: LoadedModel, out_dir: str | os.PathLike, dtype: str | None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = to_numpy(flat_params(loaded.model))
+    spec = lora.lora_spec_of(loaded.model)
+    if spec is not None:  # LoRA: the adapters are merged into the base kernels (W + alpha / r * A @ B)
+        params = lora.merge_flat(params, spec)
     tensors = hf_keys.ours_to_hf(params, hf_keys.llava_rules(), _np_dtype(dtype))
     write_sharded(out, tensors, max_shard_bytes=max_shard_bytes)
     config = cfg.to_hf()

@@ -2,8 +2,10 @@
 
 Our layout (written by `save_model_dir`, read by `load_model_dir`):
   llava_jax.json                   {"format": "llava_jax-model", "config": <HF-style LLaVA config dict>,
-                                    "image": <preprocessor dict + aspect>, "template": name, "dtype": source dtype}
-  model-*.safetensors + index      our flat parameter paths (stacked [layers, ...] tensors)
+                                    "image": <preprocessor dict + aspect>, "template": name, "dtype": source dtype,
+                                    "lora": LoRA spec (rank, alpha, dropout, targets) or absent}
+  model-*.safetensors + index      our flat parameter paths (stacked [layers, ...] tensors; with "lora" also
+                                   the adapters `language_model.{target}_lora_{a,b}`, unmerged)
   tokenizer files                  as `save_pretrained` writes them
 """
 
@@ -80,9 +82,14 @@ def _source_dtype(tensors: dict[str, np.ndarray]) -> str:
 
 def save_model_dir(out_dir: str | os.PathLike, model: Llava, config: LlavaConfig, tokenizer=None,
                    image_config=None, template: str = DEFAULT_TEMPLATE, source_dtype: str = "float32",
-                   params: dict[str, np.ndarray] | None = None) -> Path:
+                   params: dict[str, np.ndarray] | None = None, lora_spec: Any = None) -> Path:
     """Writes `model` (or the given flat `params`) in our layout; the marker file is written last, so a
-    directory without it is an unfinished write."""
+    directory without it is an unfinished write. `lora_spec` (a models.lora.LoraSpec) records that the
+    parameters include LoRA adapters (the model's own spec is used when `params` is not given)."""
+    from llava_jax.models import lora
+
+    if params is None:
+        lora_spec = lora.lora_spec_of(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)
@@ -92,8 +99,11 @@ def save_model_dir(out_dir: str | os.PathLike, model: Llava, config: LlavaConfig
         tokenizer.save_pretrained(str(out))
     image = dict(image_config.to_preprocessor_config(), image_aspect_ratio=image_config.aspect) \
         if image_config is not None else None
-    atomic_write_json(out / MARKER, {"format": FORMAT, "version": 1, "config": config.to_hf(), "image": image,
-                                     "template": template, "dtype": source_dtype})
+    meta = {"format": FORMAT, "version": 1, "config": config.to_hf(), "image": image, "template": template,
+            "dtype": source_dtype}
+    if lora_spec is not None:
+        meta["lora"] = lora_spec.to_json()
+    atomic_write_json(out / MARKER, meta)
     return out
 
 
@@ -112,9 +122,22 @@ def load_model_dir(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.f
         raise CheckpointFormatError(f"{d / MARKER} is not a llava_jax model description")
     config = LlavaConfig.from_hf(meta["config"])
     arrays = read_directory(d)
-    model = build_with_params(lambda: Llava(config, dtype=dtype, param_dtype=param_dtype,
-                                            rngs=_rngs(), attention_impl=attention_impl, remat=remat),
-                              arrays, param_dtype)
+    spec = None
+    if meta.get("lora"):
+        from llava_jax.models.lora import LoraSpec
+
+        spec = LoraSpec.from_json(meta["lora"])
+
+    def build() -> Llava:
+        model = Llava(config, dtype=dtype, param_dtype=param_dtype, rngs=_rngs(), attention_impl=attention_impl,
+                      remat=remat)
+        if spec is not None:
+            from llava_jax.models.lora import add_lora
+
+            add_lora(model.language_model, spec)
+        return model
+
+    model = build_with_params(build, arrays, param_dtype)
     image = meta.get("image")
     image_config = ImageConfig.from_preprocessor_config(image, aspect=image.get("image_aspect_ratio", "pad")) \
         if image else None

@@ -21,6 +21,7 @@ from flax import nnx
 from llava_jax.models import attention as A
 from llava_jax.models import frozen as F
 from llava_jax.models import layers as L
+from llava_jax.models import lora as lora_lib
 
 Cache = dict[str, jax.Array]
 
@@ -136,6 +137,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config, self.dtype = config, dtype
         self.attention_impl, self.remat = attention_impl, remat
         self.scan_unroll: int | bool = 1  # layers per scan iteration (True: fully unrolled)
+        self.lora: lora_lib.LoraSpec | None = None  # adapters: models/lora.py `add_lora`
         c = config
         n, d, f = c.num_hidden_layers, c.hidden_size, c.intermediate_size
         qd, kd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -197,12 +199,14 @@ class LlamaForCausalLM(nnx.Module):
             names += ["q_bias", "k_bias", "v_bias", "o_bias"]
         if self.config.mlp_bias:
             names += ["gate_bias", "up_bias", "down_bias"]
+        if self.lora is not None:
+            names += [n for t in self.lora.targets for n in lora_lib.adapter_names(t)]
         return {k: getattr(self, k)[...] for k in names}
 
     # -------------------------------------------------------------------------------------------- forward
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                 cache: Cache | None = None, return_hidden: bool = False):
+                 cache: Cache | None = None, return_hidden: bool = False, lora_key: jax.Array | None = None):
         """Runs the decoder.
 
         Args:
@@ -213,6 +217,7 @@ class LlamaForCausalLM(nnx.Module):
           cache: a KV cache from `init_cache` (or a previous call); the T new tokens are written at its index
             (a scalar; or, for a slot cache whose rows hold unrelated sequences, an index per row [B]).
           return_hidden: return the final-norm'd hidden states [B, T, D] instead of logits.
+          lora_key: PRNG key for the LoRA adapters' dropout (training); None = no dropout.
         Returns:
           (logits [B, T, V] — or hidden [B, T, D] — , the updated cache or None).
         """
@@ -250,6 +255,16 @@ class LlamaForCausalLM(nnx.Module):
         dtype = self.dtype
 
         attention = A.attention_fn(impl, causal=True)
+        lora = self.lora
+
+        def proj(name, x, w):
+            y = L.dense(x, w[f"{name}_kernel"], w.get(f"{name}_bias"))
+            if lora is not None and name in lora.targets:
+                a_name, b_name = lora_lib.adapter_names(name)
+                key = w.get("lora_key")
+                key = None if key is None else jax.random.fold_in(key, lora_lib.target_index(name))
+                y = y + lora_lib.delta(x, w[a_name], w[b_name], lora.scale, lora.dropout, key)
+            return y
 
         def attend_and_mlp(x, w, k_all, v_all, q):
             if cache is not None:  # k_all [B, K, H, S], v_all [B, K, S, H]: the cache's layouts
@@ -259,24 +274,26 @@ class LlamaForCausalLM(nnx.Module):
                     a = attention(q, k_all.transpose(0, 3, 1, 2), v_all.transpose(0, 2, 1, 3), mask)
             else:
                 a = attention(q, k_all, v_all, mask, segment_ids=valid)
-            x = x + L.dense(a.reshape(b, t, nq * hd), w["o_kernel"], w.get("o_bias"))
+            x = x + proj("o", a.reshape(b, t, nq * hd), w)
             y = L.rms_norm(x, w["post_norm"], eps)
-            g = L.dense(y, w["gate_kernel"], w.get("gate_bias"))
-            u = L.dense(y, w["up_kernel"], w.get("up_bias"))
-            y = L.dense(act(g) * u, w["down_kernel"], w.get("down_bias"))
+            g = proj("gate", y, w)
+            u = proj("up", y, w)
+            y = proj("down", act(g) * u, w)
             return L.constrain(x + y, ("activation_batch", "activation_length", "activation_embed"))
 
         def qkv(x, w):
             y = L.rms_norm(x, w["input_norm"], eps)
-            q = L.dense(y, w["q_kernel"], w.get("q_bias")).reshape(b, t, nq, hd)
-            k = L.dense(y, w["k_kernel"], w.get("k_bias")).reshape(b, t, nk, hd)
-            v = L.dense(y, w["v_kernel"], w.get("v_bias")).reshape(b, t, nk, hd)
+            q = proj("q", y, w).reshape(b, t, nq, hd)
+            k = proj("k", y, w).reshape(b, t, nk, hd)
+            v = proj("v", y, w).reshape(b, t, nk, hd)
             q = L.constrain(apply_rope(q, positions, inv_freq), ("activation_batch", "activation_length",
                                                                  "activation_heads", None))
             k = apply_rope(k, positions, inv_freq)
             return q, k, v
 
         weights = {k: v.astype(dtype) if v.ndim > 2 else v for k, v in self._layer_weights().items()}
+        if lora is not None and lora.dropout > 0 and lora_key is not None:
+            weights["lora_key"] = jax.random.split(lora_key, c.num_hidden_layers)  # one key per layer
         if cache is None:
             def body(x, w):
                 q, k, v = qkv(x, w)

@@ -181,21 +181,21 @@ class Llava(nnx.Module):
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                  has_image: jax.Array | None = None, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: Cache | None = None,
-                 return_hidden: bool = False) -> tuple[jax.Array, Cache | None]:
+                 return_hidden: bool = False, lora_key: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """Runs LLaVA.
 
         Args:
           input_ids: [B, T] int32, image positions hold image_token_id (num_image_tokens per image).
           pixel_values: [B, H, W, 3] normalised images, or None for a text-only batch.
           has_image: [B] bool, which samples carry an image (all, by default, when pixel_values is given).
-          attention_mask, positions, cache, return_hidden: as in `LlamaForCausalLM.__call__`.
+          attention_mask, positions, cache, return_hidden, lora_key: as in `LlamaForCausalLM.__call__`.
         Returns:
           (logits [B, T, V] or final hidden [B, T, D], cache or None).
         """
         feats = self.image_features(pixel_values) if pixel_values is not None else None
         embeds = self.merge(input_ids, feats, has_image)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
-                                   cache=cache, return_hidden=return_hidden)
+                                   cache=cache, return_hidden=return_hidden, lora_key=lora_key)
 
 
 def build_llava(config: LlavaConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
