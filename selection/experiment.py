@@ -261,7 +261,7 @@ class Experiment:
         self.echo = echo
         self.plan = plan_arms(cfg)
         self.main_noise = self.plan.noise_levels[0]
-        self.timings: dict[str, float] = {}
+        self.started = time.time()  # of the first run of this OUT (check_settings reads it back)
         self._evaluator = None
         self.stage2_runs = 0  # stage-2 trainings started by this process (the tests count them)
 
@@ -311,7 +311,12 @@ class Experiment:
                 raise ExperimentError(f"{self.out} holds results made with other settings ({', '.join(diff)}); "
                                       f"use another --out")
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"world": world, "config": json.loads(self.cfg.to_json_best_effort())})
+        meta = self.data_dir(self.main_noise) / "meta.json"  # runs from before "started" was kept: first output
+        started = read_json(path).get("started") if path.is_file() else None
+        started = started or (meta.stat().st_mtime if meta.is_file() else time.time())
+        self.started = float(started)
+        atomic_write_json(path, {"world": world, "started": self.started,
+                                 "config": json.loads(self.cfg.to_json_best_effort())})
 
     def make_data(self, noise: float) -> Path:
         """The synthetic set at `noise` (same seed at every level: the same scenes, other records made bad)."""
@@ -498,10 +503,10 @@ class Experiment:
         results = self.finished_results()  # earlier runs' arms too (a rerun with fewer --arms keeps them)
         for arm in self.plan.arms:
             results[self.arm_key(arm)] = self.run_arm(arm)
-            self.write_report(results, clip_eval, time.time() - t0)
+            self.write_report(results, clip_eval, time.time() - self.started)
         judged = self.judge(results)
         if judged:
-            self.write_report(results, clip_eval, time.time() - t0)
+            self.write_report(results, clip_eval, time.time() - self.started)
         self.say(f"done in {time.time() - t0:.0f}s -> {self.out / 'RESULTS.md'}")
         return read_json(self.out / "results.json")
 

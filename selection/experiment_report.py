@@ -299,7 +299,7 @@ def write_markdown(path: str | os.PathLike, doc: Mapping[str, Any]) -> None:
     if any(k in clip for k in ("i2t_top1", "t2i_top1")):
         lines += [f"CLIP (trained here): image-to-caption top-1 {_acc(clip.get('i2t_top1'))}, caption-to-image "
                   f"{_acc(clip.get('t2i_top1'))} (chance {clip.get('chance', '-')}).", ""]
-    lines.append(f"Elapsed: {doc['elapsed_s'] / 60:.1f} min.")
+    lines.append(f"Elapsed since the first run of this OUT started: {doc['elapsed_s'] / 60:.1f} min (reruns included).")
     with atomic_open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
