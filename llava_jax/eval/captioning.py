@@ -25,7 +25,6 @@ Java must be installed (`.ci/run` installs a headless JRE when `java` is missing
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -132,21 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     from llava_jax.eval import runner
 
-    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.captioning", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = runner.add_predict_parser(sub, max_new_tokens=48)
-    p.add_argument("--annotations", required=True)
-    p.add_argument("--image-root", required=True)
-    p.add_argument("--prompt", default=PROMPT)
-    runner.add_score_parser(sub).add_argument("--annotations", required=True)
-    args = parser.parse_args(argv)
-    if args.command == "predict":
-        return runner.predict(args, prompt_items(args.annotations, args.image_root, args.prompt))
-    result = score_file(args.annotations, args.answers)
-    return runner.report(args, result, (
-        f"CIDEr {result['CIDEr']:.4f} BLEU-4 {result['BLEU-4']:.4f} METEOR {result['METEOR']:.4f} "
-        f"ROUGE-L {result['ROUGE-L']:.4f} (n={result['n']}, missing {result['missing']}; {SPICE_NOTE})"))
+    return runner.main(
+        argv, prog="python -m llava_jax.eval.captioning", doc=__doc__, max_new_tokens=48,
+        flags=[runner.DataFlag("--annotations"), runner.DataFlag("--image-root", both=False),
+               runner.DataFlag("--prompt", both=False, required=False, default=PROMPT)],
+        items=lambda a: prompt_items(a.annotations, a.image_root, a.prompt),
+        score=lambda a: score_file(a.annotations, a.answers),
+        summary=lambda r: (f"CIDEr {r['CIDEr']:.4f} BLEU-4 {r['BLEU-4']:.4f} METEOR {r['METEOR']:.4f} "
+                           f"ROUGE-L {r['ROUGE-L']:.4f} (n={r['n']}, missing {r['missing']}; {SPICE_NOTE})"))
 
 
 if __name__ == "__main__":

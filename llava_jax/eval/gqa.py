@@ -20,7 +20,6 @@ KeyError); malformed and unknown rows are counted.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -93,19 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     from llava_jax.eval import runner
 
-    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.gqa", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = runner.add_predict_parser(sub)
-    p.add_argument("--questions", required=True)
-    p.add_argument("--image-root", required=True)
-    runner.add_score_parser(sub).add_argument("--questions", required=True)
-    args = parser.parse_args(argv)
-    if args.command == "predict":
-        return runner.predict(args, prompt_items(args.questions, args.image_root))
-    result = score_file(args.questions, args.answers)
-    return runner.report(args, result, f"GQA accuracy {result['accuracy']}% (binary {result['binary']}, open "
-                                       f"{result['open']}, n={result['n']}, missing {result['missing']})")
+    return runner.main(
+        argv, prog="python -m llava_jax.eval.gqa", doc=__doc__,
+        flags=[runner.DataFlag("--questions"), runner.DataFlag("--image-root", both=False)],
+        items=lambda a: prompt_items(a.questions, a.image_root),
+        score=lambda a: score_file(a.questions, a.answers),
+        summary=lambda r: (f"GQA accuracy {r['accuracy']}% (binary {r['binary']}, open {r['open']}, n={r['n']}, "
+                           f"missing {r['missing']})"))
 
 
 if __name__ == "__main__":

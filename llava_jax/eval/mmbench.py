@@ -33,7 +33,6 @@ headline; "vanilla_accuracy" scores round 0 alone; both also per category.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import io
@@ -220,20 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     from llava_jax.eval import runner
 
-    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.mmbench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = runner.add_predict_parser(sub, max_new_tokens=8)
-    p.add_argument("--tsv", required=True)
-    p.add_argument("--image-dir", default=None, help="decoded images (default: <out>.images)")
-    runner.add_score_parser(sub).add_argument("--tsv", required=True)
-    args = parser.parse_args(argv)
-    if args.command == "predict":
-        return runner.predict(args, prompt_items(args.tsv, args.image_dir or f"{args.out}.images"))
-    result = score_file(args.tsv, args.answers)
-    return runner.report(args, result, f"MMBench circular accuracy {result['circular_accuracy']}% (vanilla "
-                                       f"{result['vanilla_accuracy']}%, n={result['n']}, rounds {result['rounds']}, "
-                                       f"missing {result['missing']}, unmatched {result['unmatched']})")
+    return runner.main(
+        argv, prog="python -m llava_jax.eval.mmbench", doc=__doc__, max_new_tokens=8,
+        flags=[runner.DataFlag("--tsv"), runner.DataFlag("--image-dir", both=False, required=False,
+                                                          help="decoded images (default: <out>.images)")],
+        items=lambda a: prompt_items(a.tsv, a.image_dir or f"{a.out}.images"),
+        score=lambda a: score_file(a.tsv, a.answers),
+        summary=lambda r: (f"MMBench circular accuracy {r['circular_accuracy']}% (vanilla {r['vanilla_accuracy']}%, "
+                           f"n={r['n']}, rounds {r['rounds']}, missing {r['missing']}, unmatched {r['unmatched']})"))
 
 
 if __name__ == "__main__":

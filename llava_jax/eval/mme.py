@@ -27,7 +27,6 @@ counted ("malformed", "unknown"), never fatal.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -172,24 +171,21 @@ def prompt_items(data_dir: str | os.PathLike, instruction: str = SHORT_ANSWER) -
             for subtask, images in load_questions(data_dir).items() for rows in images.values() for q in rows]
 
 
+def _summary(result: dict) -> str:
+    """Per-subtask lines and the perception / cognition totals."""
+    lines = [f"{name}: acc {100 * m['acc']:.2f} acc+ {100 * m['acc_plus']:.2f} score {m['score']:.2f}"
+             for name, m in result["subtasks"].items()]
+    return "\n".join([*lines, f"perception {result['perception']:.2f} cognition {result['cognition']:.2f} "
+                                f"(missing {result['missing']}, malformed {result['malformed']})"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     from llava_jax.eval import runner
 
-    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.mme", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    runner.add_predict_parser(sub).add_argument("--data-dir", required=True)
-    runner.add_score_parser(sub).add_argument("--data-dir", required=True)
-    args = parser.parse_args(argv)
-    if args.command == "predict":
-        return runner.predict(args, prompt_items(args.data_dir))
-    result = score_file(args.data_dir, args.answers)
-    lines = [f"{name}: acc {100 * m['acc']:.2f} acc+ {100 * m['acc_plus']:.2f} score {m['score']:.2f}"
-             for name, m in result["subtasks"].items()]
-    return runner.report(args, result, "\n".join(
-        [*lines, f"perception {result['perception']:.2f} cognition {result['cognition']:.2f} "
-                 f"(missing {result['missing']}, malformed {result['malformed']})"]))
+    return runner.main(argv, prog="python -m llava_jax.eval.mme", doc=__doc__, flags=[runner.DataFlag("--data-dir")],
+                       items=lambda a: prompt_items(a.data_dir), score=lambda a: score_file(a.data_dir, a.answers),
+                       summary=_summary)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from llava_jax.eval.predict import PredictSettings, PromptItem, add_predict_flags, run_predictions
@@ -46,3 +47,37 @@ def report(args: argparse.Namespace, result: dict[str, Any], summary: str) -> in
         atomic_write_json(args.out, result)
     print(summary)
     return 0
+
+
+@dataclass(frozen=True)
+class DataFlag:
+    """One data flag of a benchmark's command line (`--questions`, `--image-root`, ...).
+
+    both: whether `score` takes it too (else `predict` only); an optional flag has `required=False` and a default."""
+    name: str
+    both: bool = True
+    required: bool = True
+    default: str | None = None
+    help: str | None = None
+
+
+def main(argv: Sequence[str] | None, *, prog: str, doc: str | None, flags: Sequence[DataFlag],
+         items: Callable[[argparse.Namespace], Sequence[PromptItem]],
+         score: Callable[[argparse.Namespace], dict[str, Any]],
+         summary: Callable[[dict[str, Any]], str], max_new_tokens: int = 16) -> int:
+    """A benchmark's whole command line: `predict` (generation into an answers JSONL) and `score` (the score JSON
+    and a printed summary). `items(args)` builds the PromptItems, `score(args)` the score dict from args.answers,
+    `summary(result)` the printed line(s). Returns the exit status."""
+    from llava_jax import cli
+
+    parser = cli.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p, s = add_predict_parser(sub, max_new_tokens=max_new_tokens), add_score_parser(sub)
+    for flag in flags:
+        for target in (p, s) if flag.both else (p,):
+            target.add_argument(flag.name, required=flag.required, default=flag.default, help=flag.help)
+    args = parser.parse_args(argv)
+    if args.command == "predict":
+        return predict(args, items(args))
+    result = score(args)
+    return report(args, result, summary(result))

@@ -22,7 +22,6 @@ Scoring (`score`), as llava/eval/eval_textvqa.py with m4c_evaluator.py:
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -144,20 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     from llava_jax.eval import runner
 
-    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.textvqa", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = runner.add_predict_parser(sub)
-    p.add_argument("--annotations", required=True)
-    p.add_argument("--image-root", required=True)
-    s = runner.add_score_parser(sub)
-    s.add_argument("--annotations", required=True)
-    args = parser.parse_args(argv)
-    if args.command == "predict":
-        return runner.predict(args, prompt_items(args.annotations, args.image_root))
-    result = score_file(args.annotations, args.answers)
-    return runner.report(args, result, f"TextVQA accuracy {result['accuracy']}% (n={result['n']}, "
-                                       f"missing {result['missing']})")
+    return runner.main(
+        argv, prog="python -m llava_jax.eval.textvqa", doc=__doc__,
+        flags=[runner.DataFlag("--annotations"), runner.DataFlag("--image-root", both=False)],
+        items=lambda a: prompt_items(a.annotations, a.image_root),
+        score=lambda a: score_file(a.annotations, a.answers),
+        summary=lambda r: f"TextVQA accuracy {r['accuracy']}% (n={r['n']}, missing {r['missing']})")
 
 
 if __name__ == "__main__":

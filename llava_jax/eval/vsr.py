@@ -17,7 +17,6 @@ percent overall and per relation; a missing answer is wrong; malformed and unkno
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -104,19 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line (see the module docstring); returns the exit status."""
     from llava_jax.eval import runner
 
-    parser = cli.ArgumentParser(prog="python -m llava_jax.eval.vsr", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = runner.add_predict_parser(sub, max_new_tokens=8)
-    p.add_argument("--data", required=True)
-    p.add_argument("--image-root", required=True)
-    runner.add_score_parser(sub).add_argument("--data", required=True)
-    args = parser.parse_args(argv)
-    if args.command == "predict":
-        return runner.predict(args, prompt_items(args.data, args.image_root))
-    result = score_file(args.data, args.answers)
-    return runner.report(args, result, f"VSR accuracy {result['accuracy']}% (n={result['n']}, missing "
-                                       f"{result['missing']}, unreadable {result['unreadable']})")
+    return runner.main(
+        argv, prog="python -m llava_jax.eval.vsr", doc=__doc__, max_new_tokens=8,
+        flags=[runner.DataFlag("--data"), runner.DataFlag("--image-root", both=False)],
+        items=lambda a: prompt_items(a.data, a.image_root),
+        score=lambda a: score_file(a.data, a.answers),
+        summary=lambda r: (f"VSR accuracy {r['accuracy']}% (n={r['n']}, missing {r['missing']}, "
+                           f"unreadable {r['unreadable']})"))
 
 
 if __name__ == "__main__":
