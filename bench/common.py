@@ -109,6 +109,27 @@ def _serve(conn, setup: Callable[..., dict[str, Callable]], args: tuple) -> None
             conn.send(("error", traceback.format_exc()))
 
 
+def hf_train_step(model, optimizer, batch_path: str) -> Callable[[], float]:
+    """(In the transformers process.) One forward + backward + optimizer step of `model` on the batch saved at
+    `batch_path` (.npz: input_ids / labels / attention_mask [B, T], pixel_values [B, H, W, 3]); returns the loss."""
+    import torch
+
+    with np.load(batch_path) as f:
+        tb = {"input_ids": torch.tensor(f["input_ids"], dtype=torch.long),
+              "labels": torch.tensor(f["labels"], dtype=torch.long),
+              "attention_mask": torch.tensor(f["attention_mask"]),
+              "pixel_values": torch.tensor(f["pixel_values"].transpose(0, 3, 1, 2).copy())}
+
+    def run() -> float:
+        out = model(**tb)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    return run
+
+
 def add_allocator_flags(parser) -> None:
     """--ours-allocator / --hf-allocator: each peer's host allocator mode (`llava_jax.host_memory`)."""
     parser.add_argument("--ours-allocator", default="auto", choices=("auto", "retain", "system"),

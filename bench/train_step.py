@@ -108,18 +108,7 @@ def _hf_setup(hf_dir: str, batch_path: str, allocator: str) -> dict:
     hf = common.load_hf(hf_dir)
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-    with np.load(batch_path) as f:
-        tb = {"input_ids": torch.tensor(f["input_ids"], dtype=torch.long),
-              "labels": torch.tensor(f["labels"], dtype=torch.long),
-              "attention_mask": torch.tensor(f["attention_mask"]),
-              "pixel_values": torch.tensor(f["pixel_values"].transpose(0, 3, 1, 2).copy())}
-
-    def run() -> float:
-        out = hf(**tb)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+    run = common.hf_train_step(hf, opt, batch_path)
 
     return {"step": run}
 

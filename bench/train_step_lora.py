@@ -97,18 +97,7 @@ def _hf_setup(mode: str, rank: int, dropout: float, hf_dir: str, batch_path: str
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     trainable_count = sum(p.numel() for p in params)
-    with np.load(batch_path) as f:
-        tb = {"input_ids": torch.tensor(f["input_ids"], dtype=torch.long),
-              "labels": torch.tensor(f["labels"], dtype=torch.long),
-              "attention_mask": torch.tensor(f["attention_mask"]),
-              "pixel_values": torch.tensor(f["pixel_values"].transpose(0, 3, 1, 2).copy())}
-
-    def run() -> float:
-        out = model(**tb)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+    run = common.hf_train_step(model, opt, batch_path)
 
     return {"step": run, "peak_rss_mb": _peak_rss_mb, "trainable": lambda: trainable_count}
 
