@@ -105,6 +105,7 @@ def list_files(directory: PathLike) -> list[str]:
 
         fs, base = fsspec.core.url_to_fs(root)
         base = base.rstrip("/")
+        fs.invalidate_cache(base)  # other gcsfs instances (epath's) or processes may have written since
         return sorted(f[len(base) + 1:] for f in fs.find(base) if f.startswith(base + "/"))
     out = []
     for dirpath, _, names in os.walk(root):

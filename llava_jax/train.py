@@ -641,7 +641,7 @@ def main(argv: list[str]) -> None:
     workdir = flags.FLAGS.workdir
     logging.basicConfig(level=logging.INFO if flags.FLAGS.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    for name in ("absl", "orbax", "jax._src"):  # Orbax's informational warnings (read-only restores, ...)
+    for name in ("absl", "orbax", "jax._src", "gcsfs", "fsspec"):  # Orbax's / gcsfs's informational lines
         logging.getLogger(name).setLevel(logging.ERROR)
     from llava_jax.data.pipeline import SkipCeilingExceededError
     from llava_jax.data.sources import DataFileError
