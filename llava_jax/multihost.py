@@ -63,9 +63,10 @@ def tpu_slice_hosts(env: dict[str, str] | None = None) -> int:
     """
     env = os.environ if env is None else env
     slices = int(env.get("MEGASCALE_NUM_SLICES", "1") or 1)
-    names = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
-    if names:
-        return len([n for n in names.split(",") if n.strip()]) * slices
+    names = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    hosts = [n.strip() for n in names.split(",") if n.strip()]
+    if hosts and not any(" " in h for h in hosts):  # (libtpu may leave a warning sentence in the variable)
+        return len(hosts) * slices
     if env.get("TPU_SKIP_MDS_QUERY") is not None or _tpu_chips_on_host() == 0:
         return 0
     endpoints = _metadata("worker-network-endpoints")

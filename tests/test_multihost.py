@@ -29,6 +29,8 @@ def test_slice_hosts_from_the_environment():
                                       "TPU_WORKER_HOSTNAMES": "a"}) == 2
     assert multihost.tpu_slice_hosts({"TPU_WORKER_HOSTNAMES": "a,b", "MEGASCALE_NUM_SLICES": "2"}) == 4
     assert multihost.tpu_slice_hosts({"TPU_SKIP_MDS_QUERY": "1"}) == 0
+    assert multihost.tpu_slice_hosts({"TPU_WORKER_HOSTNAMES": "WARNING: could not determine TPU worker hostnames, "
+                                                              "please set it", "TPU_SKIP_MDS_QUERY": "1"}) == 0
     assert multihost.tpu_slice_hosts({}) == 0  # this CPU host has no TPU chips on its PCI bus
 
 
