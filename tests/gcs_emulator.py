@@ -88,7 +88,6 @@ def running_emulator(bucket: str = "llava-test") -> Iterator[Emulator]:
     for k in saved_conf:  # this process read FSSPEC_* at import already; etils.epath asks for "gcs"
         fsspec.config.conf[k] = {"token": "anon"}
     import gcsfs
-
     from etils.epath import backend
 
     def forget_clients() -> None:  # cached gcsfs instances keep the endpoint they were made with

@@ -1,7 +1,8 @@
 """gs:// everywhere, against a local GCS emulator (tests/gcs_emulator.py, one per module): the path layer's
 atomic writes, a tiny training run whose workdir, data, images and base model all live in the bucket (metrics,
 TensorBoard events and Orbax checkpoints land there; SIGKILL then the same command resumes exactly), `convert
-to-hf` / `from-hf` between bucket dirs, `selection.select` and `eval.pope score` with gs:// inputs and outputs."""
+to-hf` / `from-hf` between bucket dirs, `selection.select` and `eval.pope score` with gs:// inputs and outputs,
+`data_gen.captions` from and to the bucket."""
 
 from __future__ import annotations
 
@@ -163,6 +164,18 @@ def test_convert_to_hf_and_back_in_the_bucket(gcs, world):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=0, err_msg=k)
+
+
+def test_data_gen_captions_with_bucket_paths(gcs):
+    from data_gen.captions import main
+    from llava_jax.io import as_path, atomic_write_text, read_json
+
+    atomic_write_text(gcs.uri("dg", "pairs.tsv"), "image\tcaption\na.jpg\tA red square.\nb.jpg\tTwo circles.\n")
+    assert main(["--captions", gcs.uri("dg", "pairs.tsv"), "--out", gcs.uri("dg", "stage1.json")]) == 0
+    records = read_json(gcs.uri("dg", "stage1.json"))
+    assert [r["image"] for r in records] == ["a.jpg", "b.jpg"]
+    assert records[1]["conversations"][1]["value"] == "Two circles."
+    assert as_path(gcs.uri("dg", "stage1.json")).exists()
 
 
 def test_select_and_score_with_bucket_paths(gcs, world):
