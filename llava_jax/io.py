@@ -66,8 +66,7 @@ def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = "utf-8")
             tmp = os.path.join(tmpdir, "data")
             with open(tmp, mode, encoding=None if binary else encoding) as f:
                 yield f
-            target.parent.mkdir(parents=True, exist_ok=True)
-            upload_file(tmp, target)
+            upload_file(tmp, target)  # an object store has no directories to create
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
