@@ -137,6 +137,12 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
     mcfg = mcfg or arch_config(cfg.model.arch)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     rules = sharding.rules_from_config(cfg.axis_rules)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.batch_size // max(cfg.grad_accum_steps, 1)
+    if cfg.batch_size % max(cfg.grad_accum_steps, 1) or micro % shards:
+        raise train_config.ConfigError(
+            f"micro-batch {micro} (batch_size {cfg.batch_size} / grad_accum_steps {cfg.grad_accum_steps}) does not "
+            f"divide over data x fsdp = {shards} chips: lower --config.grad_accum_steps or raise --config.batch_size")
     total_steps = max(cfg.max_steps, 1000)
     tx, _ = T.make_optimizer(cfg, total_steps)
     trainable = ckpt.trainable_filter(cfg.trainable)

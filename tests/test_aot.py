@@ -50,6 +50,26 @@ def test_aot_compiles_for_a_multi_host_v5p_64_slice(tmp_path):
     assert r["fits"] is True and 0 < r["per_chip_gib"]["total"] < r["per_chip_gib"]["hbm"]
 
 
+def test_aot_refuses_a_micro_batch_smaller_than_the_slice():
+    """13b's grad_accum_steps=8 gives micro-batches of 16 rows: too few for v5p-64's 32 chips (named, not a
+    shard_map traceback)."""
+    import importlib
+
+    os.environ.pop("JAX_PLATFORMS", None)
+    from llava_jax import aot
+    from llava_jax.train_config import ConfigError
+
+    spec = importlib.util.spec_from_file_location("finetune_cfg", REPO / "configs" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("13b")
+    with cfg.unlocked():
+        cfg.model.arch, cfg.model.attention_impl = "tiny", "xla"
+    devices, _ = aot.topology_devices("v5p-64")
+    with pytest.raises(ConfigError, match=r"micro-batch 16 .* does not divide over data x fsdp = 32 chips"):
+        aot.compile_step(cfg, devices)
+
+
 def test_aot_rejects_unknown_topology():
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     cmd = [sys.executable, "-m", "llava_jax.aot", f"--config={REPO / 'configs' / 'finetune.py'}:7b",
