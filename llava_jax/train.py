@@ -477,8 +477,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_from_config(cfg.axis_rules)
     info(f"{sharding.describe(mesh)}; processes {jax.process_count()} (this is {jax.process_index()})")
-    workdir.mkdir(parents=True, exist_ok=True)
-    multihost.check_shared_workdir(workdir)  # several processes write one checkpoint: all must see the workdir
+    if jax.process_count() > 1:  # several processes write one checkpoint: all must see the workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        multihost.check_shared_workdir(workdir)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.batch_size // cfg.grad_accum_steps
     if micro % batch_shards:
@@ -537,6 +538,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
          f"{flops_per_step / 1e9:.2f} model GFLOP per step at length {cfg.data.max_length}")
 
     banner("checkpoint")
+    workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         ckpt.write_run_info(workdir, init_from=cfg.init_from, trainable=list(cfg.trainable),
                             extra={"stage": cfg.stage, "config": json.loads(cfg.to_json_best_effort()),
