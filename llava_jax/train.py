@@ -7,6 +7,9 @@ Bannered sections, in the order they run: mesh -> model -> data -> shard -> step
 The workdir receives metrics.jsonl, TensorBoard events (tb/), checkpoints/ (trainable parameters,
 optimizer state, step and data-iterator state), run.json (where the frozen weights come from) and, for
 configs with an eval file, eval.json. Rerunning the same command resumes from the latest checkpoint.
+The workdir, init_from, data file and image root may be gs:// paths (llava_jax.io). On a multi-host TPU slice
+every host runs the same command; jax.distributed starts by itself and the workdir must be one every host sees
+(llava_jax.multihost).
 With `lora.rank` > 0 (configs/finetune.py:*_lora) the language model gets LoRA adapters (llava_jax.models.lora)
 before the split: they and the projector train, the base stays frozen (optionally in bf16, `lora.base_dtype`),
 and run.json records the adapters' spec so the workdir rebuilds (and `convert to-hf` merges) them.
