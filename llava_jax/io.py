@@ -119,7 +119,8 @@ def copy_tree(src: PathLike, dst: PathLike) -> int:
     n = 0
     for rel in list_files(src_p):
         f, out = src_p / rel, dst_p / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if not is_remote(out):  # an object store has no directories to create
+            out.parent.mkdir(parents=True, exist_ok=True)
         with f.open("rb") as a, out.open("wb") as b:
             shutil.copyfileobj(a, b, 16 << 20)
         n += 1
@@ -153,7 +154,8 @@ def cached_copy(path: PathLike) -> Path:
     dest = root / "copies" / (hashlib.sha256(uri.encode()).hexdigest()[:16] + "_" + uri.rsplit("/", 1)[-1])
     if (dest / ".complete").exists():
         return dest
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=root.mkdir(parents=True, exist_ok=True) or root))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         copy_tree(uri, tmp)
         (tmp / ".complete").write_text(uri + "\n")

@@ -85,6 +85,26 @@ def test_atomic_writes_and_reads(gcs):
     assert sorted(p.name for p in io.as_path(gcs.uri("io")).iterdir()) == ["a.json", "b.jsonl"]
 
 
+def test_copies_of_bucket_dirs(gcs, tmp_path, monkeypatch):
+    from llava_jax import io
+
+    io.atomic_write_text(gcs.uri("tree", "x.txt"), "x")
+    io.atomic_write_text(gcs.uri("tree", "sub", "y.txt"), "y")
+    assert io.list_files(gcs.uri("tree")) == ["sub/y.txt", "x.txt"]
+    with io.local_copy(gcs.uri("tree")) as d:
+        assert (d / "sub" / "y.txt").read_text() == "y"
+    assert not d.exists()  # the download is temporary
+    monkeypatch.setenv("LLAVA_JAX_CACHE", str(tmp_path / "cache"))
+    first = io.cached_copy(gcs.uri("tree"))  # made once per host (ArrayRecord datasets), then reused
+    assert (first / "x.txt").read_text() == "x" and (first / ".complete").exists()
+    (first / "x.txt").write_text("local edit")
+    assert io.cached_copy(gcs.uri("tree")) == first and (first / "x.txt").read_text() == "local edit"
+    with io.staged_dir(gcs.uri("staged")) as out:
+        (out / "a").mkdir()
+        (out / "a" / "b.bin").write_bytes(b"\x00\x01")
+    assert io.as_path(gcs.uri("staged", "a", "b.bin")).read_bytes() == b"\x00\x01"
+
+
 def _fresh(path):
     """`path` with gcsfs's directory-listing cache dropped (another process writes the bucket)."""
     from etils.epath import backend
