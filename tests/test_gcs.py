@@ -122,14 +122,22 @@ def test_training_in_the_bucket_killed_and_resumed(gcs, world):
     run_dir = gcs.uri("runs", "killed")
     env = _env(gcs)
     metrics = as_path(run_dir) / "metrics.jsonl"
-    killed = subprocess.Popen(_cmd(gcs, run_dir, "--config.debug.step_sleep_s=1.0",
+    # step_sleep_s: each step waits 2.5 s before its metrics row, so the kill lands before row 6.
+    killed = subprocess.Popen(_cmd(gcs, run_dir, "--config.debug.step_sleep_s=2.5",
                                    "--config.checkpoint.use_async=false"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+
+    def logged() -> dict[int, float]:
+        try:
+            return _losses(_fresh(metrics).read_text())
+        except FileNotFoundError:
+            return {}
+
     deadline = time.time() + 300
-    while not (_fresh(metrics).exists() and 5 in _losses(metrics.read_text())):
+    while 5 not in logged():
         assert killed.poll() is None, "the run ended before it could be killed: " + killed.stdout.read()[-3000:]
         assert time.time() < deadline
-        time.sleep(0.1)
+        time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     before = _losses(_fresh(metrics).read_text())
