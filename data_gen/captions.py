@@ -16,6 +16,7 @@ counted in the log.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import random
@@ -42,7 +43,9 @@ class CaptionInputError(ValueError):
 def read_pairs(path: str | os.PathLike, all_captions: bool = False, seed: int = 0
                ) -> tuple[list[tuple[str, str, int]], Counter]:
     """[(image, caption, caption index)] from COCO JSON or a two-column file, and skip counts by reason."""
-    path = Path(path)
+    from llava_jax.io import as_path
+
+    path = as_path(path)  # local or gs://
     skipped: Counter = Counter()
     if path.suffix.lower() == ".json":
         contexts, skipped = load_contexts(path)
@@ -58,7 +61,7 @@ def read_pairs(path: str | os.PathLike, all_captions: bool = False, seed: int = 
         raise CaptionInputError(f"{path}: expected COCO captions .json or a two-column .tsv/.csv file")
     delimiter = "," if path.suffix.lower() == ".csv" else "\t"
     pairs = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(path.read_bytes().decode("utf-8"), newline="") as f:  # as open(newline=""), for gs:// too
         for row_number, row in enumerate(csv.reader(f, delimiter=delimiter)):
             if row_number == 0 and row and row[0].strip().lower() in _HEADER_NAMES:
                 continue

@@ -145,14 +145,21 @@ def assemble(
 
 
 def default_journal(out: str | Path) -> Path:
-    """<out dir>/<out stem>.journal.jsonl."""
+    """<out dir>/<out stem>.journal.jsonl; for a gs:// --out, <out stem>.journal.jsonl in the current directory
+    (the journal is appended to and fsynced line by line, which an object store cannot do)."""
+    from llava_jax.io import as_path, is_remote
+
+    if is_remote(out):
+        return Path(as_path(out).stem + ".journal.jsonl").absolute()
     out = Path(out)
     return out.with_name(out.stem + ".journal.jsonl")
 
 
-def summary_path(out: str | Path) -> Path:
-    """<out dir>/<out stem>.summary.json."""
-    out = Path(out)
+def summary_path(out: str | Path) -> Any:
+    """<out dir>/<out stem>.summary.json (local or gs://, like --out)."""
+    from llava_jax.io import as_path
+
+    out = as_path(out)
     return out.with_name(out.stem + ".summary.json")
 
 

@@ -37,6 +37,9 @@ class Journal:
     """
 
     def __init__(self, path: str | os.PathLike):
+        if "://" in os.fspath(path):
+            raise JournalError(f"journal {os.fspath(path)}: must be a local file (it is appended to and fsynced line "
+                               f"by line); the outputs may be gs://")
         self.path = Path(path)
         self.entries: dict[str, dict[int, dict[str, Any]]] = {}
         self._file = None

@@ -53,9 +53,12 @@ class Topology:
 TOPOLOGIES: dict[str, Topology] = {
     "v4-8": Topology("v4:2x2x1", "megacore", (2, 2, 1), 32.0, 275.0, 1228.0),
     "v4-16": Topology("v4:2x2x2", "megacore", (2, 2, 1), 32.0, 275.0, 1228.0),
+    "v4-32": Topology("v4:2x2x4", "megacore", (2, 2, 1), 32.0, 275.0, 1228.0),
     "v5p-8": Topology("v5:2x2x1", "megacore", (2, 2, 1), 95.0, 459.0, 2765.0),
     "v5p-16": Topology("v5:2x2x2", "megacore", (2, 2, 1), 95.0, 459.0, 2765.0),
     "v5p-32": Topology("v5:2x2x4", "megacore", (2, 2, 1), 95.0, 459.0, 2765.0),
+    "v5p-64": Topology("v5:2x4x4", "megacore", (2, 2, 1), 95.0, 459.0, 2765.0),
+    "v5p-128": Topology("v5:4x4x4", "megacore", (2, 2, 1), 95.0, 459.0, 2765.0),
     "v5e-1": Topology("v5e:1x1", "default", (1, 1, 1), 16.0, 197.0, 819.0),
     "v5e-4": Topology("v5e:2x2", "default", (2, 2, 1), 16.0, 197.0, 819.0),
     "v5e-8": Topology("v5e:2x4", "default", (2, 2, 1), 16.0, 197.0, 819.0),
@@ -134,6 +137,12 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
     mcfg = mcfg or arch_config(cfg.model.arch)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     rules = sharding.rules_from_config(cfg.axis_rules)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.batch_size // max(cfg.grad_accum_steps, 1)
+    if cfg.batch_size % max(cfg.grad_accum_steps, 1) or micro % shards:
+        raise train_config.ConfigError(
+            f"micro-batch {micro} (batch_size {cfg.batch_size} / grad_accum_steps {cfg.grad_accum_steps}) does not "
+            f"divide over data x fsdp = {shards} chips: lower --config.grad_accum_steps or raise --config.batch_size")
     total_steps = max(cfg.max_steps, 1000)
     tx, _ = T.make_optimizer(cfg, total_steps)
     trainable = ckpt.trainable_filter(cfg.trainable)
@@ -172,6 +181,7 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
     t2 = time.time()
     facts = {
         "mesh": {n: int(mesh.shape[n]) for n in mesh.axis_names},
+        "hosts": len({d.process_index for d in devices}),  # a multi-host slice compiles as one program
         "params_total": T.count_params(nnx.state(model, nnx.Param)),
         "params_trainable": T.count_params(parts.params),
         "model_flops": metrics.model_flops_per_step(mcfg, cfg.batch_size, cfg.data.max_length, trains),
@@ -285,7 +295,8 @@ def estimate_mfu(cfg: ml_collections.ConfigDict, devices: list, topo: Topology,
 
 def print_report(r: dict, topology: str, cfg: ml_collections.ConfigDict) -> None:
     m = r["per_chip_gib"]
-    print(f"topology {topology}: mesh {r['mesh']}; {r['params_total'] / 1e9:.2f}B params, "
+    print(f"topology {topology}: {len(jax.tree.leaves(r['mesh']))} axes, {r.get('hosts', 1)} host(s); "
+          f"mesh {r['mesh']}; {r['params_total'] / 1e9:.2f}B params, "
           f"{r['params_trainable'] / 1e9:.2f}B trainable; batch {cfg.batch_size} x {cfg.data.max_length} tokens, "
           f"grad accumulation {cfg.grad_accum_steps}, remat {cfg.model.remat}, compute {cfg.model.dtype}")
     print(f"per-chip memory (GiB): arguments {m['arguments']:.2f}, outputs {m['outputs']:.2f} "

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from llava_jax.io import atomic_write_json, read_json
+from llava_jax.io import as_path, atomic_write_json, path_str, read_json
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class TrainCheckpointer:
     """Orbax CheckpointManager for the trainer: async, keeps `keep` checkpoints, one every `every_steps`."""
 
     def __init__(self, directory: str | Path, *, keep: int, every_steps: int, use_async: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)  # local or gs:// (Orbax writes through TensorStore / epath)
         self.every_steps = max(1, int(every_steps))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -197,14 +197,14 @@ class TrainCheckpointer:
 
 def write_run_info(workdir: str | Path, *, init_from: str, trainable: Sequence[str], extra: dict | None = None) -> None:
     """Records a workdir's base model (absolute path) and trainable patterns in DIR/run.json."""
-    info = {"init_from": str(Path(init_from).absolute()), "trainable": list(trainable)}
+    info = {"init_from": path_str(init_from), "trainable": list(trainable)}
     info.update(extra or {})
-    atomic_write_json(Path(workdir) / RUN_FILE, info)
+    atomic_write_json(as_path(workdir) / RUN_FILE, info)
 
 
 def is_workdir(path: str | Path) -> bool:
     """True when `path` is a training workdir (has run.json)."""
-    return (Path(path) / RUN_FILE).is_file()
+    return (as_path(path) / RUN_FILE).is_file()
 
 
 def trainable_filter(patterns: Sequence[str]) -> Any:
@@ -238,7 +238,7 @@ def load_trained_model(workdir: str | Path, *, dtype: Any = None, param_dtype: A
     """
     import jax.numpy as jnp
 
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     if not is_workdir(workdir):
         raise CheckpointError(f"{workdir} is not a training workdir (no {RUN_FILE})")
     info = read_json(workdir / RUN_FILE)
@@ -267,7 +267,7 @@ def restore_params(ckpt_dir: str | Path, params: nnx.State, step: int | None = N
     """
     import jax.numpy as jnp
 
-    ckpt_dir = Path(ckpt_dir).absolute()
+    ckpt_dir = as_path(ckpt_dir)
     manager = ocp.CheckpointManager(ckpt_dir, item_names=("params", "meta"),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     try:

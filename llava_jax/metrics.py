@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,31 +16,60 @@ PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p
 
 
 class MetricWriter:
-    """metrics.jsonl (appended, one object per logging interval) + TensorBoard on process 0."""
+    """metrics.jsonl (one object per logging interval) + TensorBoard (tb/), written by process 0 only.
 
-    def __init__(self, workdir: Path):
+    `workdir` may be local or gs://. Locally metrics.jsonl is appended to; an object store has no append, so
+    there the writer keeps the file's lines and rewrites the whole object (one single-object write) each time.
+    TensorBoard event files go through tensorboardX, which writes gs:// itself (google-cloud-storage).
+    """
+
+    def __init__(self, workdir: Any):
+        from llava_jax.io import as_path, is_remote
+
         self.enabled = jax.process_index() == 0
-        self.path = workdir / "metrics.jsonl"
+        self.path = as_path(workdir) / "metrics.jsonl"
+        self.remote = is_remote(self.path)
+        self._lines: list[str] | None = None  # remote: the object's current lines
         self.tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tb"))
+            self.tb = SummaryWriter(str(as_path(workdir) / "tb"))
+
+    def _read_lines(self) -> list[str]:
+        return [ln for ln in self.path.read_text().splitlines() if ln.strip()] if self.path.exists() else []
 
     def truncate_after(self, step: int) -> None:
         """Drops lines beyond `step` (written after the checkpoint a resume starts from)."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
+            return
+        if self.remote:
+            self._lines = [ln for ln in self._read_lines() if json.loads(ln)["step"] <= step]
+            self._flush_remote()
+            return
+        if not self.path.exists():
             return
         from llava_jax.io import atomic_write_text
 
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = [ln for ln in self._read_lines() if json.loads(ln)["step"] <= step]
         atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+    def _flush_remote(self) -> None:
+        from llava_jax.io import atomic_write_text
+
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in self._lines or []))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.remote:
+            if self._lines is None:
+                self._lines = self._read_lines()
+            self._lines.append(json.dumps(row))
+            self._flush_remote()
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step" and isinstance(v, int | float):
                 self.tb.add_scalar(f"train/{k}", v, row["step"])

@@ -7,6 +7,9 @@ Bannered sections, in the order they run: mesh -> model -> data -> shard -> step
 The workdir receives metrics.jsonl, TensorBoard events (tb/), checkpoints/ (trainable parameters,
 optimizer state, step and data-iterator state), run.json (where the frozen weights come from) and, for
 configs with an eval file, eval.json. Rerunning the same command resumes from the latest checkpoint.
+The workdir, init_from, data file and image root may be gs:// paths (llava_jax.io). On a multi-host TPU slice
+every host runs the same command; jax.distributed starts by itself and the workdir must be one every host sees
+(llava_jax.multihost).
 With `lora.rank` > 0 (configs/finetune.py:*_lora) the language model gets LoRA adapters (llava_jax.models.lora)
 before the split: they and the projector train, the base stays frozen (optionally in bf16, `lora.base_dtype`),
 and run.json records the adapters' spec so the workdir rebuilds (and `convert to-hf` merges) them.
@@ -24,7 +27,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -35,8 +37,9 @@ import optax
 from flax import nnx
 
 from llava_jax import checkpoint as ckpt
-from llava_jax import cli, host_memory, sharding
+from llava_jax import cli, host_memory, multihost, sharding
 from llava_jax import metrics as train_metrics
+from llava_jax.io import as_path
 from llava_jax.loss import IGNORE_INDEX, llava_loss
 from llava_jax.models import lora as lora_lib
 from llava_jax.train_config import ConfigError, check_attention_impl, dtype_of
@@ -68,25 +71,9 @@ def info(msg: str) -> None:
 
 
 def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
-    """Calls jax.distributed.initialize when configured (flags or the usual JAX_* environment)."""
-    d = cfg.distributed
-    env_coord = os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    if not (d.enabled or d.coordinator_address or env_coord):
-        return
-    if jax.distributed.is_initialized():
-        return
-    kwargs: dict[str, Any] = {}
-    if d.coordinator_address or env_coord:
-        kwargs["coordinator_address"] = d.coordinator_address or env_coord
-    num = d.num_processes if d.num_processes > 0 else int(os.environ.get("JAX_NUM_PROCESSES", "-1"))
-    pid = d.process_id if d.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
-    if num > 0:
-        kwargs["num_processes"] = num
-    if pid >= 0:
-        kwargs["process_id"] = pid
-    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
+    """Calls jax.distributed.initialize when configured (flags or the usual JAX_* environment) or on a multi-host
+    TPU slice (llava_jax.multihost)."""
+    multihost.maybe_initialize_distributed(cfg.distributed)
 
 
 # ===================================================================================================
@@ -191,7 +178,7 @@ def load_model(cfg: ml_collections.ConfigDict) -> Any:
     """The starting model: a model dir, or an earlier workdir (its base plus its trained weights)."""
     if not cfg.init_from:
         raise ConfigError("init_from is empty: give a model dir (convert compose) or a stage-1 workdir")
-    if not Path(cfg.init_from).exists():
+    if not as_path(cfg.init_from).exists():
         raise ConfigError(f"init_from {cfg.init_from!r} does not exist")
     return ckpt.load_base_model(cfg.init_from, dtype=dtype_of(cfg.model.dtype),
                                 param_dtype=dtype_of(cfg.model.param_dtype))
@@ -473,9 +460,10 @@ def total_steps_for(cfg: ml_collections.ConfigDict, num_examples: int) -> int:
     return max(1, int(math.ceil(cfg.num_epochs * num_examples / cfg.batch_size)))
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs (or resumes) training into `workdir`; returns a summary dict (steps, last loss, eval)."""
-    workdir = Path(workdir).absolute()
+def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Runs (or resumes) training into `workdir` (local or gs://); returns a summary dict (steps, last loss,
+    eval)."""
+    workdir = as_path(workdir)
     if cfg.batch_size % cfg.grad_accum_steps:
         raise ConfigError(f"batch_size {cfg.batch_size} does not divide by grad_accum_steps {cfg.grad_accum_steps}")
     check_attention_impl(cfg)
@@ -492,6 +480,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_from_config(cfg.axis_rules)
     info(f"{sharding.describe(mesh)}; processes {jax.process_count()} (this is {jax.process_index()})")
+    if jax.process_count() > 1:  # several processes write one checkpoint: all must see the workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        multihost.check_shared_workdir(workdir)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.batch_size // cfg.grad_accum_steps
     if micro % batch_shards:
@@ -655,7 +646,7 @@ def main(argv: list[str]) -> None:
     workdir = flags.FLAGS.workdir
     logging.basicConfig(level=logging.INFO if flags.FLAGS.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    for name in ("absl", "orbax", "jax._src"):  # Orbax's informational warnings (read-only restores, ...)
+    for name in ("absl", "orbax", "jax._src", "gcsfs", "fsspec"):  # Orbax's / gcsfs's informational lines
         logging.getLogger(name).setLevel(logging.ERROR)
     from llava_jax.data.pipeline import SkipCeilingExceededError
     from llava_jax.data.sources import DataFileError

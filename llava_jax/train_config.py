@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False
+    c.distributed.auto = True  # initialise by itself on a multi-host TPU slice (llava_jax.multihost)
     c.distributed.coordinator_address = ""  # host:port; empty = from the environment
     c.distributed.num_processes = -1
     c.distributed.process_id = -1

@@ -242,7 +242,12 @@ def run_selection(
     config: ml_collections.ConfigDict,
     alpha: int | None = None,
 ) -> SelectionResult:
-    """Runs every stage (see the module docstring) and writes the outputs under `out`; returns the decisions."""
+    """Runs every stage (see the module docstring) and writes the outputs under `out`; returns the decisions.
+    `data`, `image_root` and `out` may be gs:// (see `_run_selection_remote`)."""
+    from llava_jax.io import is_remote
+
+    if any(is_remote(p) for p in (data, image_root, out)):
+        return _run_selection_remote(data, image_root, out, config, alpha)
     timings: dict[str, float] = {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -352,6 +357,37 @@ def run_selection(
     }
     atomic_write_json(out / "report.json", summary)
     return SelectionResult(selected, keys, raw, final, labels, eligible, summary, subset_path, columns)
+
+
+def _run_selection_remote(data: str | os.PathLike, image_root: str | os.PathLike, out: str | os.PathLike,
+                          config: ml_collections.ConfigDict, alpha: int | None) -> SelectionResult:
+    """run_selection with gs:// paths: the data file and image root are read through local copies, the outputs
+    (and the score cache under `out`, reused when it is there) are written locally and uploaded at the end;
+    report.json names the given paths."""
+    import contextlib
+    import dataclasses
+    import tempfile
+
+    from llava_jax.io import as_path, copy_tree, download_file, is_remote, local_copy, path_str, staged_dir
+
+    with contextlib.ExitStack() as stack:
+        local_data = Path(data)
+        if is_remote(data):
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="llava_jax_select_"))
+            local_data = Path(tmp) / as_path(data).name
+            download_file(data, local_data)
+        local_root = stack.enter_context(local_copy(image_root))
+        local_out = stack.enter_context(staged_dir(out))
+        if is_remote(out) and not config.cache_dir and (as_path(out) / "cache").is_dir():
+            copy_tree(as_path(out) / "cache", local_out / "cache")
+        result = run_selection(local_data, local_root, local_out, config, alpha)
+        report = dict(result.report)
+        report["input"] = dict(report["input"], path=str(data),
+                               image_root=str(image_root) if is_remote(image_root) else report["input"]["image_root"])
+        subset = as_path(out) / Path(local_data).name
+        report["subset"] = path_str(subset)
+        atomic_write_json(local_out / "report.json", report)
+    return dataclasses.replace(result, report=report, subset_path=subset)
 
 
 def main(argv: list[str]) -> None:

@@ -35,6 +35,41 @@ def test_aot_compiles_tiny_config_for_v5e_4(tmp_path):
     assert 0 < r["params_trainable"] < r["params_total"]
 
 
+def test_aot_compiles_for_a_multi_host_v5p_64_slice(tmp_path):
+    """v5p-64 is 32 chips on 8 hosts: the step compiles as one program for the whole slice from this CPU host."""
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    cmd = [sys.executable, "-m", "llava_jax.aot", f"--config={REPO / 'configs' / 'finetune.py'}:7b",
+           "--config.model.arch=tiny", "--config.model.attention_impl=xla", "--topology=v5p-64",
+           "--config.batch_size=32", "--config.grad_accum_steps=1", "--config.data.max_length=64", f"--json={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["hosts"] == 8 and r["mesh"] == {"data": 1, "fsdp": 32, "tensor": 1}
+    assert "8 host(s)" in proc.stdout and "per-chip memory (GiB)" in proc.stdout
+    assert r["fits"] is True and 0 < r["per_chip_gib"]["total"] < r["per_chip_gib"]["hbm"]
+
+
+def test_aot_refuses_a_micro_batch_smaller_than_the_slice():
+    """13b's grad_accum_steps=8 gives micro-batches of 16 rows: too few for v5p-64's 32 chips (named, not a
+    shard_map traceback)."""
+    import importlib
+
+    os.environ.pop("JAX_PLATFORMS", None)
+    from llava_jax import aot
+    from llava_jax.train_config import ConfigError
+
+    spec = importlib.util.spec_from_file_location("finetune_cfg", REPO / "configs" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("13b")
+    with cfg.unlocked():
+        cfg.model.arch, cfg.model.attention_impl = "tiny", "xla"
+    devices, _ = aot.topology_devices("v5p-64")
+    with pytest.raises(ConfigError, match=r"micro-batch 16 .* does not divide over data x fsdp = 32 chips"):
+        aot.compile_step(cfg, devices)
+
+
 def test_aot_rejects_unknown_topology():
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     cmd = [sys.executable, "-m", "llava_jax.aot", f"--config={REPO / 'configs' / 'finetune.py'}:7b",

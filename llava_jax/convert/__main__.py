@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from llava_jax import cli
 
@@ -76,19 +78,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--merge", action="store_true", help="merge the adapters into the weights (a plain model)")
     f.add_argument("out_dir")
     args = p.parse_args(argv)
+    return _run(args)
 
+
+def _run(args: argparse.Namespace) -> int:
+    """Runs a parsed command. Directory arguments may be gs://: input directories are read through local copies
+    (model paths through `load_model`), the output directory is written locally and uploaded when complete."""
+    from llava_jax.io import is_remote, local_copy, staged_dir
+
+    out_name = args.out_dir
+    with contextlib.ExitStack() as stack:
+        for name in ("hf_dir", "llava_dir", "vision", "text", "peft_dir", "projector_weights"):
+            value = getattr(args, name, None)
+            if value and is_remote(value) and name == "projector_weights":
+                from llava_jax.io import download_file
+
+                local = stack.enter_context(local_copy_of_file(value))
+                download_file(value, local)
+                setattr(args, name, str(local))
+            elif value and is_remote(value):
+                setattr(args, name, str(stack.enter_context(local_copy(value))))
+        args.out_dir = str(stack.enter_context(staged_dir(out_name)))
+        _dispatch(args, out_name)
+    return 0
+
+
+@contextlib.contextmanager
+def local_copy_of_file(uri: str):
+    """A temporary local path named like `uri`'s file (removed on exit)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llava_jax_file_") as tmp:
+        yield Path(tmp) / uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _dispatch(args: argparse.Namespace, out_name: str) -> None:
     from llava_jax.convert.model_dir import load_hf_llava, load_model, save_model_dir
 
     if args.command == "from-hf":
         loaded = load_hf_llava(args.hf_dir, aspect=args.image_aspect)
         save_model_dir(args.out_dir, loaded.model, loaded.config, loaded.tokenizer, loaded.image_config,
                        template=args.template or loaded.template, source_dtype=loaded.source_dtype)
-        print(f"wrote {args.out_dir}")
+        print(f"wrote {out_name}")
     elif args.command == "clip-to-hf":
         from llava_jax.convert.clip_export import clip_to_hf
 
         clip_to_hf(args.model, args.out_dir, dtype=args.dtype)
-        print(f"wrote {args.out_dir}")
+        print(f"wrote {out_name}")
     elif args.command == "compose":
         from llava_jax.convert.compose import compose
 
@@ -97,12 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vision_feature_select_strategy=args.vision_feature_select_strategy,
                 image_aspect=args.image_aspect, pad_to_multiple_of=args.pad_vocab_to, template=args.template,
                 seed=args.seed, projector_weights=args.projector_weights)
-        print(f"wrote {args.out_dir}")
+        print(f"wrote {out_name}")
     elif args.command == "to-peft":
         from llava_jax.convert.peft_io import export_peft
 
         export_peft(load_model(args.model), args.out_dir, base_model=args.base_name)
-        print(f"wrote {args.out_dir}")
+        print(f"wrote {out_name}")
     elif args.command == "from-peft":
         from llava_jax.convert.params import flat_params, to_numpy
         from llava_jax.convert.peft_io import import_peft
@@ -114,20 +150,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_model_dir(args.out_dir, loaded.model, loaded.config, loaded.tokenizer, loaded.image_config,
                        template=loaded.template, source_dtype=loaded.source_dtype, params=params,
                        lora_spec=None if args.merge else spec)
-        print(f"wrote {args.out_dir}")
+        print(f"wrote {out_name}")
     elif args.command == "from-llava":
         from llava_jax.convert.llava_repo import convert_llava_repo
 
         convert_llava_repo(args.llava_dir, args.out_dir, args.vision, pad_to_multiple_of=args.pad_vocab_to,
                            template=args.template, seed=args.seed)
-        print(f"wrote {args.out_dir}")
+        print(f"wrote {out_name}")
     else:
         from llava_jax.convert.export import export_hf
 
         loaded = load_model(args.model)
         export_hf(loaded, args.out_dir, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
-        print(f"wrote {args.out_dir}")
-    return 0
+        print(f"wrote {out_name}")
 
 
 if __name__ == "__main__":

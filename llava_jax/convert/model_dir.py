@@ -199,7 +199,17 @@ def load_hf_llava(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.fl
 
 def load_model(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32,
                attention_impl: str | None = None) -> LoadedModel:
-    """Loads any model path: our model dir, an HF LLaVA dir, or a training workdir (latest checkpoint)."""
+    """Loads any model path: our model dir, an HF LLaVA dir, or a training workdir (latest checkpoint); each
+    may be local or gs:// (a remote model dir is read through a temporary local copy)."""
+    from llava_jax.io import is_remote, local_copy
+
+    if is_remote(path):
+        from llava_jax import checkpoint
+
+        if checkpoint.is_workdir(path):
+            return checkpoint.load_trained_model(path, dtype=dtype, param_dtype=param_dtype)
+        with local_copy(path) as local:
+            return load_model(local, dtype, param_dtype, attention_impl)
     d = Path(path)
     if is_model_dir(d):
         return load_model_dir(d, dtype, param_dtype, attention_impl)

@@ -145,9 +145,11 @@ def _open(source: str | os.PathLike | bytes, max_pixels: int) -> Image.Image:
         data = bytes(source)
         name = "<bytes>"
     else:
+        from llava_jax.io import as_path
+
         name = os.fspath(source)
         try:
-            with open(name, "rb") as f:
+            with as_path(name).open("rb") as f:  # a local path or gs://
                 data = f.read()
         except FileNotFoundError:
             raise

@@ -157,8 +157,10 @@ def load_records(path: str | os.PathLike, seed: int = 0) -> list[dict]:
     Unparseable lines / entries become placeholders (see module docstring). A file that is neither a JSON
     document nor JSON lines raises DataFileError.
     """
+    from llava_jax.io import as_path
+
     name = os.fspath(path)
-    with open(name, "rb") as f:
+    with as_path(name).open("rb") as f:  # a local path or gs://
         data = f.read()
     text = data.decode("utf-8", errors="surrogateescape")
     stripped = text.lstrip()
@@ -223,9 +225,11 @@ def resolve_image_path(rel: str, roots: Sequence[str | os.PathLike]) -> str:
     check_relative_path(rel)
     if not roots:
         raise MissingImageFileError(f"image {rel!r} given but no image root configured")
+    from llava_jax.io import as_path, is_remote
+
     for root in roots:
         candidate = os.path.join(os.fspath(root), rel)
-        if os.path.isfile(candidate):
+        if is_remote(candidate) and as_path(candidate).is_file() or os.path.isfile(candidate):
             return candidate
     raise MissingImageFileError(f"image file {rel!r} not found under {', '.join(map(os.fspath, roots))}")
 
@@ -262,6 +266,12 @@ class JsonRecordSource(RecordSource):
 
 def find_arrayrecord_dir(path: str | os.PathLike) -> Path:
     """The TFDS version directory (holding dataset_info.json) under `path` (the build --out dir or deeper)."""
+    from llava_jax.io import is_remote
+
+    if is_remote(path):  # array_record reads local files only: one cached copy per host
+        from llava_jax.io import cached_copy
+
+        path = cached_copy(path)
     path = Path(path)
     if (path / "dataset_info.json").exists():
         return path
@@ -346,7 +356,9 @@ def parse_specs(data: Any, image_root: Any = None, weights: Any = None) -> list[
 
 def open_source(spec: DatasetSpec, seed: int = 0) -> RecordSource | ArrayRecordSource:
     """The random-access source for one spec (see DatasetSpec for how the path is read)."""
-    path = Path(spec.path)
+    from llava_jax.io import as_path, is_remote
+
+    path = as_path(spec.path) if is_remote(spec.path) else Path(spec.path)
     if path.is_dir():
         if (path / "filter_cap.json").exists():
             return JsonRecordSource(path / "filter_cap.json", spec.image_roots or (path,), seed=seed)

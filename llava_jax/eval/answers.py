@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from llava_jax.io import as_path
+
 
 class EvalDataError(ValueError):
     """An input file of an evaluation (questions, answers, annotations) is malformed."""
@@ -33,7 +35,7 @@ def qid_key(question_id: Any) -> str:
 
 def _load_json_or_lines(path: str | os.PathLike, what: str) -> Any:
     """Parses a whole-file JSON document, else one JSON value per non-blank line (POPE's .json files are JSONL)."""
-    with open(path, encoding="utf-8") as f:
+    with as_path(path).open("r", encoding="utf-8") as f:  # a local path or gs://
         text = f.read()
     try:
         return json.loads(text)
@@ -55,7 +57,7 @@ def read_records(path: str | os.PathLike, what: str = "records") -> list[dict]:
 
     The layout is recognised from the content, not the file name. Anything else raises EvalDataError.
     """
-    if not os.path.exists(path):
+    if not as_path(path).exists():
         raise EvalDataError(f"{what} file not found: {path}")
     return _as_records(_load_json_or_lines(path, what), path, what)
 
@@ -96,7 +98,7 @@ def read_answers(path: str | os.PathLike) -> dict[str, dict]:
     [{"question_id", "answer"}]). LLaVA's ScienceQA result JSON is read from its "outputs" map. Numbers become strings; a null reply becomes "" (it then scores as a failed
     answer, never as a crash); any other type raises EvalDataError.
     """
-    if not os.path.exists(path):
+    if not as_path(path).exists():
         raise EvalDataError(f"answers file not found: {path}")
     data = _load_json_or_lines(path, "answers")
     outputs = data.get("outputs") if isinstance(data, dict) and "question_id" not in data else None
@@ -167,10 +169,10 @@ def read_answers_lenient(path: str | os.PathLike, key_fn: Callable[[dict], str] 
     Returns:
       ({question id key: record with its reply in `text`}, number of malformed rows).
     """
-    if not os.path.exists(path):
+    if not as_path(path).exists():
         raise EvalDataError(f"answers file not found: {path}")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    with as_path(path).open("rb") as f:  # a local path or gs://
+        text = f.read().decode("utf-8", errors="replace")
     try:
         data = json.loads(text)
         rows = data if isinstance(data, list) else [data]
