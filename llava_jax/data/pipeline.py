@@ -12,7 +12,7 @@ len(buckets) times. `TrainIterator.get_state()` / `set_state()` (JSON-able dicts
 checkpoint API) restore the exact position: the batches after a restore are those of an uninterrupted run.
 
 With `packing` (`PackBatch` in place of `BucketBatch`) each row of T = max_length holds several samples,
-placed first-fit (see `PackBatch`), and a batch adds segment_ids [B,T] int32 (1, 2, ... per sample in the row,
+placed first-fit (see `_PackBatchIterator`), and a batch adds segment_ids [B,T] int32 (1, 2, ... per sample in the row,
 0 = padding) and positions [B,T] int32 (restarting at 0 for each sample); pixel_values becomes image slots
 [B,M,H,W,3] and has_image [B,M] int32 the segment id owning each slot (0 = empty), M = max_images_per_row.
 Labels hold IGNORE_INDEX at each sample's first token (the previous sample never predicts it), so a packed
@@ -243,27 +243,29 @@ class _Bin:
 
 
 class _PackBatchIterator(grain.DatasetIterator):
-    """First-fit packing with Grain-style exact resume.
+    """First-fit packing with exact resume.
 
-    A pack is `rows` bins of `length` tokens / `max_images` images, filled in arrival order, each example going
-    into the first bin with room; the first example that fits no bin (every bin then holds one or more)
-    closes the pack and opens the next one. A closed pack is emitted as rows / batch_size batches.
-    The state is the parent's state before the pack's first example was read, plus how many of the pack's
-    batches were returned: `set_state` re-reads the pack and skips those, so the batches after a restore equal
-    an uninterrupted run's. A pack's read / skipped counts ride on its first batch only.
+    A pack is `rows` bins of `length` tokens / `max_images` images. Examples are placed in arrival order, each
+    into the first bin with room; one that fits no bin is carried over to the next pack, which places the
+    carried examples first (so none waits more than one pack: each could take a bin of its own). The pack
+    closes when `max_carry` examples are carried (or the data ends) and is emitted as rows / batch_size
+    batches. The state names the parent's state where the pack started reading, the parent states before each
+    carried example it began with, and how many of its batches were returned: `set_state` re-reads those and
+    replays the pack, so the batches after a restore equal an uninterrupted run's. A pack's read / skipped
+    counts ride on its first batch (carried examples count in the pack that read them).
     """
 
-    def __init__(self, parent, batch_size, rows, length, max_images, pad_id, max_consecutive_skips):
+    def __init__(self, parent, batch_size, rows, length, max_images, pad_id, max_consecutive_skips, max_carry):
         super().__init__(parent)
         self._batch_size, self._rows, self._length = batch_size, rows, length
         self._max_images, self._pad_id = max_images, pad_id
-        self._max_consecutive_skips = max_consecutive_skips
+        self._max_consecutive_skips, self._max_carry = max_consecutive_skips, max_carry
+        self._carry: list[tuple[Any, dict]] = []  # (parent state before it, example) for the next pack
         self._reset(skip_batches=0)
 
     def _reset(self, skip_batches: int) -> None:
-        self._pack_state = self._parent.get_state()  # parent state before the current pack's first example
-        self._pending: dict | None = None  # an example read but not placed: it opens the next pack
-        self._next_pack_state: Any = None
+        self._pack_state = self._parent.get_state()  # where the current pack started reading the parent
+        self._pack_carry_states: list = [s for s, _ in self._carry]
         self._ready: list[dict] = []  # the current pack's batches not yet returned
         self._emitted = 0  # batches of the current pack already returned
         self._skip_batches = skip_batches
@@ -277,17 +279,13 @@ class _PackBatchIterator(grain.DatasetIterator):
         bins = [_Bin() for _ in range(self._rows)]
         seen, consecutive = 0, 0
         skipped: collections.Counter = collections.Counter()
+        queue, overflow = list(self._carry), []
+        self._pack_carry_states = [s for s, _ in queue]
+        self._pack_state = self._parent.get_state()
         ended = False
-        if self._pending is not None:
-            first, self._pending = self._pending, None
-            self._pack_state = self._next_pack_state
-            candidates = [first]
-        else:
-            self._pack_state = self._parent.get_state()
-            candidates = []
-        while True:
-            if candidates:
-                element = candidates.pop()
+        while len(overflow) < self._max_carry:
+            if queue:
+                before, element = queue.pop(0)
             else:
                 before = self._parent.get_state()
                 try:
@@ -295,8 +293,8 @@ class _PackBatchIterator(grain.DatasetIterator):
                 except StopIteration:
                     ended = True
                     break
+                seen += 1
                 if SKIP_KEY in element:
-                    seen += 1
                     skipped[element[SKIP_KEY]] += 1
                     consecutive += 1
                     if consecutive > self._max_consecutive_skips:
@@ -309,13 +307,13 @@ class _PackBatchIterator(grain.DatasetIterator):
                 raise ValueError(f"example of {len(element['input_ids'])} tokens exceeds the row length "
                                  f"{self._length}")
             target = next((b for b in bins if self._fits(b, element)), None)
-            if target is None:  # every bin holds something: this example opens the next pack
-                self._pending, self._next_pack_state = element, before
-                break
-            seen += 1
+            if target is None:
+                overflow.append((before, element))
+                continue
             target.examples.append(element)
             target.tokens += len(element["input_ids"])
             target.images += bool(element["has_image"])
+        self._carry = overflow
         full = [b.examples for b in bins if b.examples]
         n_batches = len(full) // self._batch_size  # at the end of data a partial batch is dropped
         stats = {"seen": seen, "skipped": dict(skipped)}
@@ -326,10 +324,10 @@ class _PackBatchIterator(grain.DatasetIterator):
                                    self._max_images, self._pad_id, shape)
             batch[STATS_KEY] = stats if k == 0 else {"seen": 0, "skipped": {}}
             self._ready.append(batch)
-        if ended:
+        if ended and not overflow:
             self._ended = True
             if not self._ready:
-                self._ready.append({END_KEY: True, STATS_KEY: stats if seen else {"seen": 0, "skipped": {}}})
+                self._ready.append({END_KEY: True, STATS_KEY: stats})
         self._emitted = 0
 
     def __next__(self) -> dict[str, Any]:
@@ -346,29 +344,36 @@ class _PackBatchIterator(grain.DatasetIterator):
             self._fill()
 
     def get_state(self) -> dict[str, Any]:
-        if not self._ready and not self._ended:  # the pack is used up: the next one starts at the pending example
-            if self._pending is not None:
-                return {"parent": self._next_pack_state, "emitted": 0}
-            return {"parent": self._parent.get_state(), "emitted": 0}
-        return {"parent": self._pack_state, "emitted": self._emitted}
+        if not self._ready and not self._ended:  # the pack is used up: the next one starts here
+            return {"parent": self._parent.get_state(), "carry": [s for s, _ in self._carry], "emitted": 0}
+        return {"parent": self._pack_state, "carry": list(self._pack_carry_states), "emitted": self._emitted}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        carry = []
+        for s in state.get("carry", []):  # re-read the examples the pack began with
+            self._parent.set_state(s)
+            carry.append((s, next(self._parent)))
         self._parent.set_state(state["parent"])
+        self._carry = carry
         self._reset(skip_batches=int(state["emitted"]))
 
 
 class PackBatch(grain.IterDataset):
     """Batches of `batch_size` packed rows of `length` tokens (first-fit over `rows` bins, a multiple of
-    batch_size; more bins fill rows better and hold more examples in memory); see `_PackBatchIterator`."""
+    batch_size; more bins fill rows better and hold more examples in memory; `max_carry` examples that fit no
+    bin close a pack, default rows / 8); see `_PackBatchIterator`."""
 
     def __init__(self, parent, batch_size: int, rows: int, length: int, max_images: int, pad_id: int,
-                 max_consecutive_skips: int):
+                 max_consecutive_skips: int, max_carry: int | None = None):
         super().__init__(parent)
         if rows < batch_size or rows % batch_size:
             raise ValueError(f"pack_rows {rows} must be a positive multiple of the per-process batch {batch_size}")
         if max_images < 1:
             raise ValueError(f"max_images_per_row must be >= 1, got {max_images}")
-        self._args = (batch_size, rows, int(length), int(max_images), int(pad_id), max_consecutive_skips)
+        carry = max(1, rows // 8) if max_carry is None else int(max_carry)
+        if not 1 <= carry <= rows:
+            raise ValueError(f"max_carry must be in [1, rows={rows}], got {carry}")
+        self._args = (batch_size, rows, int(length), int(max_images), int(pad_id), max_consecutive_skips, carry)
 
     def __iter__(self):
         return _PackBatchIterator(self._parent.__iter__(), *self._args)
