@@ -245,21 +245,21 @@ class _Bin:
 class _PackBatchIterator(grain.DatasetIterator):
     """First-fit packing with exact resume.
 
-    A pack is `rows` bins of `length` tokens / `max_images` images. Examples are placed in arrival order, each
-    into the first bin with room; one that fits no bin is carried over to the next pack, which places the
-    carried examples first (so none waits more than one pack: each could take a bin of its own). The pack
-    closes when `max_carry` examples are carried (or the data ends) and is emitted as rows / batch_size
-    batches. The state names the parent's state where the pack started reading, the parent states before each
+    A pack is `rows` bins of `length` tokens / `max_images` images. It reads examples until they hold as many
+    tokens as the bins (or the data ends), then places them first-fit decreasing: the examples carried over
+    from the previous pack first, in their order, then the new ones longest first, each into the first bin with
+    room. Examples that fit no bin are carried to the next pack (the first `rows` carried always find a bin,
+    so every example is placed). The pack is emitted as rows / batch_size batches, its rows in bin order. The state names the parent's state where the pack started reading, the parent states before each
     carried example it began with, and how many of its batches were returned: `set_state` re-reads those and
     replays the pack, so the batches after a restore equal an uninterrupted run's. A pack's read / skipped
     counts ride on its first batch (carried examples count in the pack that read them).
     """
 
-    def __init__(self, parent, batch_size, rows, length, max_images, pad_id, max_consecutive_skips, max_carry):
+    def __init__(self, parent, batch_size, rows, length, max_images, pad_id, max_consecutive_skips):
         super().__init__(parent)
         self._batch_size, self._rows, self._length = batch_size, rows, length
         self._max_images, self._pad_id = max_images, pad_id
-        self._max_consecutive_skips, self._max_carry = max_consecutive_skips, max_carry
+        self._max_consecutive_skips = max_consecutive_skips
         self._carry: list[tuple[Any, dict]] = []  # (parent state before it, example) for the next pack
         self._reset(skip_batches=0)
 
@@ -279,33 +279,39 @@ class _PackBatchIterator(grain.DatasetIterator):
         bins = [_Bin() for _ in range(self._rows)]
         seen, consecutive = 0, 0
         skipped: collections.Counter = collections.Counter()
-        queue, overflow = list(self._carry), []
-        self._pack_carry_states = [s for s, _ in queue]
+        carried = list(self._carry)
+        self._pack_carry_states = [s for s, _ in carried]
         self._pack_state = self._parent.get_state()
+        fresh: list[tuple[Any, dict]] = []
+        room = self._rows * self._length - sum(len(e["input_ids"]) for _, e in carried)
         ended = False
-        while len(overflow) < self._max_carry:
-            if queue:
-                before, element = queue.pop(0)
-            else:
-                before = self._parent.get_state()
-                try:
-                    element = next(self._parent)
-                except StopIteration:
-                    ended = True
-                    break
-                seen += 1
-                if SKIP_KEY in element:
-                    skipped[element[SKIP_KEY]] += 1
-                    consecutive += 1
-                    if consecutive > self._max_consecutive_skips:
-                        raise SkipCeilingExceededError(
-                            f"{consecutive} records in a row were unusable (last: {element[SKIP_KEY]}: "
-                            f"{element.get('_message')}); check the data with `python -m llava_jax.data.validate`")
-                    continue
-                consecutive = 0
+        while room > 0:  # read until the examples could fill every bin
+            before = self._parent.get_state()
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                ended = True
+                break
+            seen += 1
+            if SKIP_KEY in element:
+                skipped[element[SKIP_KEY]] += 1
+                consecutive += 1
+                if consecutive > self._max_consecutive_skips:
+                    raise SkipCeilingExceededError(
+                        f"{consecutive} records in a row were unusable (last: {element[SKIP_KEY]}: "
+                        f"{element.get('_message')}); check the data with `python -m llava_jax.data.validate`")
+                continue
+            consecutive = 0
             if len(element["input_ids"]) > self._length:
                 raise ValueError(f"example of {len(element['input_ids'])} tokens exceeds the row length "
                                  f"{self._length}")
+            fresh.append((before, element))
+            room -= len(element["input_ids"])
+        # carried examples first (each of the first `rows` has an empty bin at worst), then the fresh ones
+        # longest first (first-fit decreasing; a stable sort keeps arrival order among equal lengths)
+        order = carried + sorted(fresh, key=lambda x: -len(x[1]["input_ids"]))
+        overflow = []
+        for before, element in order:
             target = next((b for b in bins if self._fits(b, element)), None)
             if target is None:
                 overflow.append((before, element))
@@ -360,20 +366,16 @@ class _PackBatchIterator(grain.DatasetIterator):
 
 class PackBatch(grain.IterDataset):
     """Batches of `batch_size` packed rows of `length` tokens (first-fit over `rows` bins, a multiple of
-    batch_size; more bins fill rows better and hold more examples in memory; `max_carry` examples that fit no
-    bin close a pack, default rows / 8); see `_PackBatchIterator`."""
+    batch_size; more bins fill rows better and hold more examples in memory); see `_PackBatchIterator`."""
 
     def __init__(self, parent, batch_size: int, rows: int, length: int, max_images: int, pad_id: int,
-                 max_consecutive_skips: int, max_carry: int | None = None):
+                 max_consecutive_skips: int):
         super().__init__(parent)
         if rows < batch_size or rows % batch_size:
             raise ValueError(f"pack_rows {rows} must be a positive multiple of the per-process batch {batch_size}")
         if max_images < 1:
             raise ValueError(f"max_images_per_row must be >= 1, got {max_images}")
-        carry = max(1, rows // 8) if max_carry is None else int(max_carry)
-        if not 1 <= carry <= rows:
-            raise ValueError(f"max_carry must be in [1, rows={rows}], got {carry}")
-        self._args = (batch_size, rows, int(length), int(max_images), int(pad_id), max_consecutive_skips, carry)
+        self._args = (batch_size, rows, int(length), int(max_images), int(pad_id), max_consecutive_skips)
 
     def __iter__(self):
         return _PackBatchIterator(self._parent.__iter__(), *self._args)
