@@ -260,7 +260,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=4000, help="LLaVA-shaped samples at the 7b scale")
     p.add_argument("--synthetic", type=int, default=160, help="synthetic records for the CPU run")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per way and dataset")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per way and dataset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", choices=("llava15", "heavy"), default="llava15", help="the length mix (docstring)")
     p.add_argument("--aot-json", default=str(AOT_JSON))

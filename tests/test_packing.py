@@ -257,6 +257,7 @@ def test_flash_tpu_kernel_keeps_segments_apart():
                SEGMENTS, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_decoder_with_segments_equals_each_sample_alone(monkeypatch):
     """The whole decoder on packed rows (segment mask and positions built by llama.py) with each attention
     implementation gives every sample's logits as that sample alone; cuDNN's call runs through XLA here."""
