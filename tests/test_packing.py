@@ -306,3 +306,45 @@ def test_configs_turn_packing_on_for_7b_and_13b():
     with cfg.unlocked():
         cfg.data.bucket_lengths = (1000,)  # unused when packing: rows are max_length long
     train_config.check_attention_impl(cfg)
+
+
+@pytest.mark.slow
+def test_trainer_resume_with_packing_is_exact(tmp_path):
+    """The trainer (packed batches, gradient accumulation 2): a run stopped at step 3 and resumed to 6 logs the
+    uninterrupted run's losses (constant learning rate, so the stop does not change the schedule)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llava_jax.demo import build_model_dir
+
+    synthetic.generate(tmp_path / "data", num=48, seed=0, num_eval=4, image_size=16)
+    build_model_dir(tmp_path / "data", tmp_path / "model", seed=0,
+                    vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=16, patch_size=8, projection_dim=16),
+                    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False),
+                    vocab=160)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    def run(workdir, steps):
+        cmd = [sys.executable, "-m", "llava_jax.train", f"--config={repo / 'configs' / 'pretrain.py'}:demo",
+               f"--workdir={workdir}", f"--config.init_from={tmp_path / 'model'}",
+               f"--config.data.train_file={tmp_path / 'data' / 'stage1.json'}",
+               f"--config.data.image_root={tmp_path / 'data' / 'images'}", "--config.trainable=^projector/",
+               "--config.batch_size=4", "--config.grad_accum_steps=2", "--config.data.max_length=96",
+               "--config.data.packing=True", "--config.data.pack_rows=8", "--config.checkpoint.every_steps=2",
+               "--config.log_every=1", "--config.progress=False", "--config.optimizer.schedule=constant",
+               "--config.optimizer.warmup_ratio=0", f"--config.max_steps={steps}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        return {r["step"]: r["loss"] for r in rows}
+
+    reference = run(tmp_path / "ref", 6)
+    run(tmp_path / "resumed", 3)
+    resumed = run(tmp_path / "resumed", 6)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 7))
+    assert all(resumed[s] == reference[s] for s in range(4, 7)), (resumed, reference)
