@@ -6,7 +6,10 @@
 
 Variants: `demo` (tiny CPU demo; ends with the held-out eval into WORKDIR/eval.json), `7b`, `13b`
 (LLaVA-1.5's recipe: lr 2e-5, global batch 128, 1 epoch, vicuna_v1 template, `pad` images, AdamW,
-weight decay 0, cosine with 3% warmup, clip 1.0, max length 2048). `init_from` is the stage-1 workdir.
+weight decay 0, cosine with 3% warmup, clip 1.0, max length 2048) with sequence packing on (`data.packing`:
+first-fit, several samples per 2048-token row, each with its own segment id and positions; LLaVA's mix of
+~650-token captioned images and conversations up to 2048 is then >= 95% tokens instead of about half padding,
+bench/packing.py). `init_from` is the stage-1 workdir.
 `7b_lora`, `13b_lora`: LLaVA's LoRA recipe (finetune_lora.sh): adapters of rank 128, alpha 256, dropout 0.05
 on every linear layer of the LLM, lr 2e-4, projector lr 2e-5, the rest as above; the frozen base is held in
 bf16 and only the adapters and the projector train (and are checkpointed). `demo_lora`: the demo with LoRA.

@@ -6,7 +6,8 @@
 
 Variants: `demo` (the tiny CPU demo on the bundled synthetic set), `7b`, `13b` (LLaVA-1.5's recipe:
 mlp2x_gelu projector, lr 1e-3, global batch 256, 1 epoch, AdamW, weight decay 0, cosine with 3% warmup,
-clip 1.0, max length 2048). Every value can be overridden with --config.key=value.
+clip 1.0, max length 2048; samples packed several per row, `data.packing`). Every value can be overridden with
+--config.key=value.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from llava_jax.train_config import base_config
 def scale_config(c: ml_collections.ConfigDict, arch: str) -> None:
     """Settings shared by the 7b / 13b variants of both stages (sized for Cloud TPU): bf16 compute, fp32 master
     weights, FSDP over every chip, full remat of each layer, the loss's vocabulary projection in 512-position
-    chunks, the Pallas TPU flash-attention kernel (on GPU pass --config.model.attention_impl=cudnn)."""
+    chunks, the Pallas TPU flash-attention kernel (on GPU pass --config.model.attention_impl=cudnn), and sequence
+    packing: first-fit, several samples per 2048-token row, each with its own segment id and positions, so
+    little of a step computes padding (bench/packing.py; turn off with --config.data.packing=False)."""
     c.model.arch = arch
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
@@ -30,6 +33,9 @@ def scale_config(c: ml_collections.ConfigDict, arch: str) -> None:
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
     c.data.num_workers = 8
+    # LLaVA's samples run from ~600 tokens (an image's 576 plus a caption) to 2048: padded to 2048 a step
+    # computes mostly padding; packed rows are >= 95% tokens (BENCHMARKS.md, "Sequence packing").
+    c.data.packing = True
     c.checkpoint.every_steps = 500
     c.log_every = 10
 

@@ -159,7 +159,8 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
     if unroll_layers:
         set_scan_unroll(model, True)
     parts = T.split_parts(model, optimizer, trainable)
-    batch_sh = T.batch_shardings_for(mesh, rules)
+    packed = bool(cfg.data.packing)
+    batch_sh = T.batch_shardings_for(mesh, rules, packed=packed)
     lora_spec = lora_spec_of(model)
     step = T.make_step_fn(parts, accum=cfg.grad_accum_steps, batch_constraint=T.micro_batch_constraint(mesh, rules),
                           loss_budget=cfg.model.loss_budget or None, loss_chunk=cfg.model.loss_chunk,
@@ -170,6 +171,10 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
     b, t, s = cfg.batch_size, cfg.data.max_length, mcfg.vision.image_size
     shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.int32),
               "pixel_values": ((b, s, s, 3), jnp.float32), "has_image": ((b,), jnp.bool_)}
+    m = T.images_per_row(cfg, mcfg.num_image_tokens)
+    if packed:  # packed rows: segment ids, positions, M image slots per row
+        shapes.update({"segment_ids": ((b, t), jnp.int32), "positions": ((b, t), jnp.int32),
+                       "pixel_values": ((b, m, s, s, 3), jnp.float32), "has_image": ((b, m), jnp.int32)})
     batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh[k]) for k, (shape, dt) in shapes.items()}
     trains = metrics.trained_parts(parts.params)
     t0 = time.time()
@@ -184,7 +189,8 @@ def compile_step(cfg: ml_collections.ConfigDict, devices: list, mcfg: Any = None
         "hosts": len({d.process_index for d in devices}),  # a multi-host slice compiles as one program
         "params_total": T.count_params(nnx.state(model, nnx.Param)),
         "params_trainable": T.count_params(parts.params),
-        "model_flops": metrics.model_flops_per_step(mcfg, cfg.batch_size, cfg.data.max_length, trains),
+        "model_flops": metrics.model_flops_per_step(mcfg, cfg.batch_size, cfg.data.max_length, trains,
+                                                    images_per_row=m),
         "trains": trains,
         "lower_s": round(t1 - t0, 1),
         "compile_s": round(t2 - t1, 1),
@@ -285,7 +291,8 @@ def estimate_mfu(cfg: ml_collections.ConfigDict, devices: list, topo: Topology,
         uncounted_s = flops / (topo.peak_tflops * 1e12)
     micro_s = float(coef @ [1.0, base.text.num_hidden_layers, vision_run_full]) \
         + base.text.num_hidden_layers * uncounted_s
-    model_flops_chip = metrics.model_flops_per_step(base, cfg.batch_size, cfg.data.max_length, trains) / chips
+    model_flops_chip = metrics.model_flops_per_step(base, cfg.batch_size, cfg.data.max_length, trains,
+                                                    images_per_row=T.images_per_row(cfg, base.num_image_tokens)) / chips
     step_s = accum * micro_s
     return {"fits_rows": rows, "per_layer_s": {"text": float(coef[1]) + uncounted_s, "vision": float(coef[2])},
             "uncounted_kernel_s_per_text_layer": uncounted_s,

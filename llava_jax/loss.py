@@ -126,10 +126,15 @@ def llava_loss(model, batch: dict[str, jax.Array], *, budget_fraction: float | N
                chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """(summed loss, supervised count) of a LLaVA model on a batch dict with input_ids, labels,
     attention_mask [B, T], pixel_values [B, H, W, 3] and has_image [B] (and optionally `lora_key`, the PRNG
-    key of the LoRA adapters' dropout)."""
+    key of the LoRA adapters' dropout). Packed batches (`data.packing`) add segment_ids and positions [B, T]
+    and carry image slots (pixel_values [B, M, H, W, 3], has_image [B, M]); their labels hold IGNORE_INDEX at
+    each sample's first token, so no sample predicts the next one's first token and the sum and count are
+    those of the same samples unpacked."""
     extra = {"lora_key": batch["lora_key"]} if batch.get("lora_key") is not None else {}
+    if batch.get("segment_ids") is not None:
+        extra["segment_ids"] = batch["segment_ids"]
     hidden, _ = model(batch["input_ids"], batch.get("pixel_values"), batch.get("has_image"),
-                      batch.get("attention_mask"), return_hidden=True, **extra)
+                      batch.get("attention_mask"), positions=batch.get("positions"), return_hidden=True, **extra)
     budget = supervised_budget(batch["input_ids"].shape[1], budget_fraction)
     return hidden_cross_entropy(hidden, batch["labels"], model.language_model.head_kernel(), budget=budget,
                                 chunk=chunk)

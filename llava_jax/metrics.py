@@ -99,8 +99,11 @@ def peak_flops(configured_tflops: float = 0.0) -> float:
     return 0.0
 
 
-def model_flops_per_step(mcfg: Any, batch: int, length: int, trains: dict[str, bool]) -> float:
+def model_flops_per_step(mcfg: Any, batch: int, length: int, trains: dict[str, bool],
+                         images_per_row: int = 1) -> float:
     """Analytic matmul FLOPs of one training step (the MFU convention: no rematerialisation counted).
+
+    images_per_row: image slots each row runs through the vision tower and projector (packed rows: M).
 
     Forward = 2 x (matmul parameters) per token + attention (QK^T and AV over `length` keys); a part
     whose weights train costs 3 x forward, a frozen part that gradients pass through 2 x, a frozen part
@@ -113,10 +116,10 @@ def model_flops_per_step(mcfg: Any, batch: int, length: int, trains: dict[str, b
     llm_fwd = batch * length * (2 * llm_mm + 4 * t.num_hidden_layers * length * qd)
     patches = v.num_patches + 1
     vis_mm = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-    vis_fwd = batch * patches * (2 * vis_mm + 4 * v.num_hidden_layers * patches * v.hidden_size)
+    vis_fwd = batch * images_per_row * patches * (2 * vis_mm + 4 * v.num_hidden_layers * patches * v.hidden_size)
     proj_in = v.hidden_size * len(mcfg.feature_layers)
     proj_mm = proj_in * t.hidden_size + (t.hidden_size**2 if mcfg.projector == "mlp2x_gelu" else 0)
-    proj_fwd = batch * v.num_patches * 2 * proj_mm
+    proj_fwd = batch * images_per_row * v.num_patches * 2 * proj_mm
 
     def factor(part: str, below_trainable: bool) -> int:
         return 3 if trains.get(part) else (2 if below_trainable else 1)

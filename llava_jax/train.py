@@ -47,6 +47,7 @@ from llava_jax.train_config import ConfigError, check_attention_impl, dtype_of
 log = logging.getLogger("llava_jax.train")
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "has_image")
+PACKED_KEYS = (*BATCH_KEYS, "segment_ids", "positions")  # data.packing: see llava_jax.data.pipeline
 
 
 class TrainingDiverged(RuntimeError):
@@ -128,6 +129,8 @@ class RandomBatches:
 def make_train_iterator(cfg: ml_collections.ConfigDict, loaded: Any, per_process_batch: int) -> tuple[Any, int]:
     """Returns (iterator with get_state/set_state, number of training examples or -1 when unbounded)."""
     if cfg.data.source == "random":
+        if cfg.data.packing:
+            raise ConfigError("data.packing needs data.source=llava_json (random batches are not packed)")
         mcfg = loaded.config
         it = RandomBatches(per_process_batch, cfg.data.max_length, mcfg.vision.image_size, mcfg.text.vocab_size,
                            mcfg.image_token_id, mcfg.num_image_tokens, cfg.seed)
@@ -138,6 +141,8 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, loaded: Any, per_process
         raise ConfigError("data.train_file is empty: set --config.data.train_file=FILE")
     from llava_jax.data import pipeline
 
+    if cfg.data.packing and cfg.data.pack_rows % cfg.batch_size:
+        raise ConfigError(f"data.pack_rows {cfg.data.pack_rows} is not a multiple of batch_size {cfg.batch_size}")
     data_cfg = {
         "data": cfg.data.train_file,
         "image_root": cfg.data.image_root,
@@ -147,6 +152,9 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, loaded: Any, per_process
         "shuffle": cfg.data.shuffle,
         "num_workers": cfg.data.num_workers,
         "max_skip_fraction": cfg.data.max_skip_fraction,
+        "packing": bool(cfg.data.packing),
+        "pack_rows": cfg.data.pack_rows * per_process_batch // cfg.batch_size if cfg.data.pack_rows else 0,
+        "max_images_per_row": cfg.data.max_images_per_row,
     }
     num_examples = len(pipeline.build_dataset(dict(data_cfg, num_epochs=1), seed=cfg.seed))
     image_config = dataclasses.replace(loaded.image_config, aspect=cfg.data.aspect)
@@ -165,8 +173,9 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, loaded: Any, per_process
 
 
 def to_global_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
-    """Per-process numpy slices -> global jax.Arrays laid out by `shardings` (batch axis over data)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in BATCH_KEYS}
+    """Per-process numpy slices -> global jax.Arrays laid out by `shardings` (batch axis over data); the keys
+    are those of `shardings` (BATCH_KEYS, or PACKED_KEYS for packed batches)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in shardings}
 
 
 # ===================================================================================================
@@ -402,10 +411,20 @@ def jit_step(step: Callable, parts: StepParts, mesh: jax.sharding.Mesh, rules: s
     return jitted, p_sh, o_sh
 
 
-def batch_shardings_for(mesh: jax.sharding.Mesh, rules: sharding.Rules) -> dict[str, Any]:
-    """Shardings of the batch dict: the leading (batch) axis over the 'batch' rule."""
-    ndims = {"pixel_values": 4, "has_image": 1}
-    return {k: sharding.data_sharding(mesh, ndims.get(k, 2), rules) for k in BATCH_KEYS}
+def batch_shardings_for(mesh: jax.sharding.Mesh, rules: sharding.Rules, packed: bool = False) -> dict[str, Any]:
+    """Shardings of the batch dict: the leading (batch) axis over the 'batch' rule. packed: the keys and
+    ranks of packed batches (segment_ids, positions; image slots pixel_values [B, M, H, W, 3], has_image
+    [B, M])."""
+    ndims = {"pixel_values": 5, "has_image": 2} if packed else {"pixel_values": 4, "has_image": 1}
+    return {k: sharding.data_sharding(mesh, ndims.get(k, 2), rules) for k in (PACKED_KEYS if packed else BATCH_KEYS)}
+
+
+def images_per_row(cfg: ml_collections.ConfigDict, num_image_tokens: int) -> int:
+    """Image slots per row of a batch: 1 unpacked; with data.packing, data.max_images_per_row or as many
+    images as max_length holds (at least 1)."""
+    if not cfg.data.packing:
+        return 1
+    return int(cfg.data.max_images_per_row) or max(1, cfg.data.max_length // int(num_image_tokens))
 
 
 def micro_batch_constraint(mesh: jax.sharding.Mesh, rules: sharding.Rules) -> Callable:
@@ -519,7 +538,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     with jax.set_mesh(mesh):
         parts = split_for_training(model, tx, trainable)
     del model
-    batch_shardings = batch_shardings_for(mesh, rules)
+    batch_shardings = batch_shardings_for(mesh, rules, packed=bool(cfg.data.packing))
     p_sh = sharding.state_shardings(parts.params, mesh, rules)
     params = place(parts.params, p_sh)
     opt_state = place(parts.opt_state, sharding.state_shardings(parts.opt_state, mesh, rules))
@@ -535,8 +554,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                            dropout_seed=cfg.seed if lora_spec is not None and lora_spec.dropout > 0 else None)
     jitted, _, _ = jit_step(step_fn, parts, mesh, rules, batch_shardings)
     with jax.set_mesh(mesh):
-        flops_per_step = train_metrics.model_flops_per_step(loaded.config, cfg.batch_size, cfg.data.max_length,
-                                                             train_metrics.trained_parts(params))
+        flops_per_step = train_metrics.model_flops_per_step(
+            loaded.config, cfg.batch_size, cfg.data.max_length, train_metrics.trained_parts(params),
+            images_per_row=images_per_row(cfg, loaded.config.num_image_tokens))
     info(f"jit: donated params + optimizer state; grad accumulation {cfg.grad_accum_steps}; "
          f"{flops_per_step / 1e9:.2f} model GFLOP per step at length {cfg.data.max_length}")
 

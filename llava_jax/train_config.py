@@ -54,6 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.template = "vicuna_v1"
     c.data.max_length = 2048
     c.data.bucket_lengths = ()  # empty = the pipeline's default buckets up to max_length
+    # Sequence packing (llava_jax.data.pipeline.PackBatch): several samples per row of max_length, first-fit,
+    # each with its own segment id and positions; buckets are then unused. pack_rows: rows packed together
+    # (global, like batch_size; 0 = batch_size); max_images_per_row: image slots per row (0 = max_length //
+    # image tokens).
+    c.data.packing = False
+    c.data.pack_rows = 0
+    c.data.max_images_per_row = 0
     c.data.aspect = "pad"
     c.data.num_workers = 0
     c.data.shuffle = True
@@ -131,7 +138,7 @@ def check_attention_impl(cfg: ml_collections.ConfigDict) -> None:
         known = ", ".join(str(x) for x in attention.ATTENTION_IMPLS if x)
         raise ConfigError(f"unknown model.attention_impl {impl!r}; known: {known}")
     if impl == "flash_tpu":
-        lengths = resolve_buckets(cfg.data.bucket_lengths, cfg.data.max_length)
+        lengths = resolve_buckets(() if cfg.data.packing else cfg.data.bucket_lengths, cfg.data.max_length)
         bad = [n for n in lengths if n % attention.FLASH_BLOCK]
         if bad:
             raise ConfigError(f"model.attention_impl 'flash_tpu' needs every batch length (data.bucket_lengths, "

@@ -10,6 +10,13 @@ attention_mask [B,T] int32, pixel_values [B,H,W,3] float32, has_image [B] bool (
 T is the smallest configured bucket that holds the batch's longest sample, so a step compiles at most
 len(buckets) times. `TrainIterator.get_state()` / `set_state()` (JSON-able dicts; also grain's Orbax
 checkpoint API) restore the exact position: the batches after a restore are those of an uninterrupted run.
+
+With `packing` (`PackBatch` in place of `BucketBatch`) each row of T = max_length holds several samples,
+placed first-fit (see `_PackBatchIterator`), and a batch adds segment_ids [B,T] int32 (1, 2, ... per sample in the row,
+0 = padding) and positions [B,T] int32 (restarting at 0 for each sample); pixel_values becomes image slots
+[B,M,H,W,3] and has_image [B,M] int32 the segment id owning each slot (0 = empty), M = max_images_per_row.
+Labels hold IGNORE_INDEX at each sample's first token (the previous sample never predicts it), so a packed
+batch's summed loss and supervised-token count are those of the same samples unpacked.
 """
 
 from __future__ import annotations
@@ -185,6 +192,195 @@ class BucketBatch(grain.IterDataset):
         )
 
 
+# ------------------------------------------------------------------------------------------------ packing
+
+
+def collate_packed(rows: Sequence[Sequence[Mapping[str, Any]]], length: int, max_images: int, pad_id: int,
+                   image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Packed batch (see module docstring) from rows of examples, each row's samples in order, left-aligned.
+
+    rows: B lists of examples ({"input_ids" [t], "labels" [t], "pixel_values", "has_image"}), each list's
+    total length <= `length` and image count <= `max_images`; image_shape: [H, W, 3] of an image slot.
+    """
+    n = len(rows)
+    input_ids = np.full((n, length), pad_id, np.int32)
+    labels = np.full((n, length), conversation.IGNORE_INDEX, np.int32)
+    mask = np.zeros((n, length), np.int32)
+    segment_ids = np.zeros((n, length), np.int32)
+    positions = np.zeros((n, length), np.int32)
+    pixel_values = np.zeros((n, max_images, *image_shape), np.float32)
+    owner = np.zeros((n, max_images), np.int32)
+    for i, row in enumerate(rows):
+        at, slot = 0, 0
+        for j, e in enumerate(row):
+            t = len(e["input_ids"])
+            if at + t > length:
+                raise ValueError(f"row {i} holds {at + t} tokens, more than {length}")
+            input_ids[i, at:at + t] = e["input_ids"]
+            labels[i, at:at + t] = e["labels"]
+            labels[i, at] = conversation.IGNORE_INDEX  # never predicted from the previous sample
+            mask[i, at:at + t] = 1
+            segment_ids[i, at:at + t] = j + 1
+            positions[i, at:at + t] = np.arange(t, dtype=np.int32)
+            if e["has_image"]:
+                if slot >= max_images:
+                    raise ValueError(f"row {i} holds more than {max_images} images")
+                pixel_values[i, slot] = e["pixel_values"]
+                owner[i, slot] = j + 1
+                slot += 1
+            at += t
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "segment_ids": segment_ids,
+            "positions": positions, "pixel_values": pixel_values, "has_image": owner}
+
+
+class _Bin:
+    __slots__ = ("examples", "tokens", "images")
+
+    def __init__(self):
+        self.examples: list[dict] = []
+        self.tokens = 0
+        self.images = 0
+
+
+class _PackBatchIterator(grain.DatasetIterator):
+    """First-fit packing with exact resume.
+
+    A pack is `rows` bins of `length` tokens / `max_images` images. It reads examples until they hold as many
+    tokens as the bins (or the data ends), then places them first-fit decreasing: the examples carried over
+    from the previous pack first, in their order, then the new ones longest first, each into the first bin with
+    room. Examples that fit no bin are carried to the next pack (the first `rows` carried always find a bin,
+    so every example is placed). The pack is emitted as rows / batch_size batches, its rows in bin order. The state names the parent's state where the pack started reading, the parent states before each
+    carried example it began with, and how many of its batches were returned: `set_state` re-reads those and
+    replays the pack, so the batches after a restore equal an uninterrupted run's. A pack's read / skipped
+    counts ride on its first batch (carried examples count in the pack that read them).
+    """
+
+    def __init__(self, parent, batch_size, rows, length, max_images, pad_id, max_consecutive_skips):
+        super().__init__(parent)
+        self._batch_size, self._rows, self._length = batch_size, rows, length
+        self._max_images, self._pad_id = max_images, pad_id
+        self._max_consecutive_skips = max_consecutive_skips
+        self._carry: list[tuple[Any, dict]] = []  # (parent state before it, example) for the next pack
+        self._reset(skip_batches=0)
+
+    def _reset(self, skip_batches: int) -> None:
+        self._pack_state = self._parent.get_state()  # where the current pack started reading the parent
+        self._pack_carry_states: list = [s for s, _ in self._carry]
+        self._ready: list[dict] = []  # the current pack's batches not yet returned
+        self._emitted = 0  # batches of the current pack already returned
+        self._skip_batches = skip_batches
+        self._ended = False
+
+    def _fits(self, b: _Bin, e: Mapping[str, Any]) -> bool:
+        return b.tokens + len(e["input_ids"]) <= self._length and (not e["has_image"] or b.images < self._max_images)
+
+    def _fill(self) -> None:
+        """Reads one pack and turns it into batches (self._ready)."""
+        bins = [_Bin() for _ in range(self._rows)]
+        seen, consecutive = 0, 0
+        skipped: collections.Counter = collections.Counter()
+        carried = list(self._carry)
+        self._pack_carry_states = [s for s, _ in carried]
+        self._pack_state = self._parent.get_state()
+        fresh: list[tuple[Any, dict]] = []
+        room = self._rows * self._length - sum(len(e["input_ids"]) for _, e in carried)
+        ended = False
+        while room > 0:  # read until the examples could fill every bin
+            before = self._parent.get_state()
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                ended = True
+                break
+            seen += 1
+            if SKIP_KEY in element:
+                skipped[element[SKIP_KEY]] += 1
+                consecutive += 1
+                if consecutive > self._max_consecutive_skips:
+                    raise SkipCeilingExceededError(
+                        f"{consecutive} records in a row were unusable (last: {element[SKIP_KEY]}: "
+                        f"{element.get('_message')}); check the data with `python -m llava_jax.data.validate`")
+                continue
+            consecutive = 0
+            if len(element["input_ids"]) > self._length:
+                raise ValueError(f"example of {len(element['input_ids'])} tokens exceeds the row length "
+                                 f"{self._length}")
+            fresh.append((before, element))
+            room -= len(element["input_ids"])
+        # carried examples first (each of the first `rows` has an empty bin at worst), then the fresh ones
+        # longest first (first-fit decreasing; a stable sort keeps arrival order among equal lengths)
+        order = carried + sorted(fresh, key=lambda x: -len(x[1]["input_ids"]))
+        overflow = []
+        for before, element in order:
+            target = next((b for b in bins if self._fits(b, element)), None)
+            if target is None:
+                overflow.append((before, element))
+                continue
+            target.examples.append(element)
+            target.tokens += len(element["input_ids"])
+            target.images += bool(element["has_image"])
+        self._carry = overflow
+        full = [b.examples for b in bins if b.examples]
+        n_batches = len(full) // self._batch_size  # at the end of data a partial batch is dropped
+        stats = {"seen": seen, "skipped": dict(skipped)}
+        shape = next((e["pixel_values"].shape for row in full for e in row), None)
+        self._ready = []
+        for k in range(n_batches):
+            batch = collate_packed(full[k * self._batch_size:(k + 1) * self._batch_size], self._length,
+                                   self._max_images, self._pad_id, shape)
+            batch[STATS_KEY] = stats if k == 0 else {"seen": 0, "skipped": {}}
+            self._ready.append(batch)
+        if ended and not overflow:
+            self._ended = True
+            if not self._ready:
+                self._ready.append({END_KEY: True, STATS_KEY: stats})
+        self._emitted = 0
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            if self._ready:
+                batch = self._ready.pop(0)
+                self._emitted += 1
+                if self._skip_batches:  # replaying a pack after set_state: its first batches were returned
+                    self._skip_batches -= 1
+                    continue
+                return batch
+            if self._ended:
+                raise StopIteration
+            self._fill()
+
+    def get_state(self) -> dict[str, Any]:
+        if not self._ready and not self._ended:  # the pack is used up: the next one starts here
+            return {"parent": self._parent.get_state(), "carry": [s for s, _ in self._carry], "emitted": 0}
+        return {"parent": self._pack_state, "carry": list(self._pack_carry_states), "emitted": self._emitted}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        carry = []
+        for s in state.get("carry", []):  # re-read the examples the pack began with
+            self._parent.set_state(s)
+            carry.append((s, next(self._parent)))
+        self._parent.set_state(state["parent"])
+        self._carry = carry
+        self._reset(skip_batches=int(state["emitted"]))
+
+
+class PackBatch(grain.IterDataset):
+    """Batches of `batch_size` packed rows of `length` tokens (first-fit over `rows` bins, a multiple of
+    batch_size; more bins fill rows better and hold more examples in memory); see `_PackBatchIterator`."""
+
+    def __init__(self, parent, batch_size: int, rows: int, length: int, max_images: int, pad_id: int,
+                 max_consecutive_skips: int):
+        super().__init__(parent)
+        if rows < batch_size or rows % batch_size:
+            raise ValueError(f"pack_rows {rows} must be a positive multiple of the per-process batch {batch_size}")
+        if max_images < 1:
+            raise ValueError(f"max_images_per_row must be >= 1, got {max_images}")
+        self._args = (batch_size, rows, int(length), int(max_images), int(pad_id), max_consecutive_skips)
+
+    def __iter__(self):
+        return _PackBatchIterator(self._parent.__iter__(), *self._args)
+
+
 class TrainIterator(grain.DatasetIterator):
     """The trainer's iterator: yields batches, keeps skip counts, stops the run past the skip ceiling.
 
@@ -258,6 +454,9 @@ DEFAULTS: dict[str, Any] = {
     "max_skip_fraction": 0.01,
     "min_records_for_ceiling": 200,
     "max_consecutive_skips": 1000,
+    "packing": False,
+    "pack_rows": 0,
+    "max_images_per_row": 0,
 }
 
 
@@ -344,6 +543,9 @@ def make_train_iterator(
       max_skip_fraction: stop with SkipCeilingExceededError when more records than this fraction are unusable
         (checked once min_records_for_ceiling records were read); max_consecutive_skips: same, for a run of bad
         records in a row.
+      packing: pack several samples per row of max_length (first-fit; buckets are then unused); pack_rows: rows
+        packed together (0 = the per-process batch; a multiple of it); max_images_per_row: image slots per
+        packed row (0 = max(1, max_length // num_image_tokens)).
     """
     if process_index is None or process_count is None:
         import jax
@@ -363,7 +565,13 @@ def make_train_iterator(
                              prefetch_buffer_size=int(_cfg(cfg_data, "read_buffer")))
     it_ds = ds.to_iter_dataset(read)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    it_ds = BucketBatch(it_ds, batch_size, buckets, pad_id, int(_cfg(cfg_data, "max_consecutive_skips")))
+    if _cfg(cfg_data, "packing"):
+        rows = int(_cfg(cfg_data, "pack_rows") or 0) or batch_size
+        max_images = int(_cfg(cfg_data, "max_images_per_row") or 0) or max(1, max_length // int(num_image_tokens))
+        it_ds = PackBatch(it_ds, batch_size, rows, max_length, max_images, pad_id,
+                          int(_cfg(cfg_data, "max_consecutive_skips")))
+    else:
+        it_ds = BucketBatch(it_ds, batch_size, buckets, pad_id, int(_cfg(cfg_data, "max_consecutive_skips")))
     workers = int(_cfg(cfg_data, "num_workers"))
     if workers > 0:
         from absl import flags

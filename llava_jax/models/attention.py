@@ -6,6 +6,14 @@
   Causal self-attention can be split into query pieces that each attend only the keys they can see.
 - "cudnn": `jax.nn.dot_product_attention`'s fused GPU kernel.
 - "flash_tpu": the Pallas TPU flash-attention kernel (`flash_tpu_attention`).
+
+Packed rows (`data.packing`): a row holds several samples, told apart by segment ids [B, T] (1, 2, ... per
+sample, 0 = padding); a token attends only to earlier tokens of its own segment. The XLA path and cuDNN get
+that rule inside the boolean mask the decoder builds (`segment_mask`); cuDNN turns a boolean mask into an
+additive bias: `jax.nn.dot_product_attention` has no segment-id argument in jax 0.10 (its
+query/key_value_seq_lengths describe one sequence per row; the packed `q_offsets` layout exists only in jax's
+private cudnn module), so the explicit mask is what carries the segments there. The Pallas kernel takes the
+segment ids themselves (`SegmentIds`) and never sees a mask.
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 def attention_fn(implementation: str | None, causal: bool = False):
     """`attend(q, k, v, mask, segment_ids=None)` ([B, T, N, H] x [B, S, K, H] -> [B, T, N, H]) for training.
 
-    None / "" / "xla": `xla_attention` (mask [B, 1, T, S] bool or None). With `causal` (self-attention whose
+    mask [B, 1, T, S] bool (True = attend; for packed rows it already holds the segment rule, see
+    `segment_mask`); segment_ids [B, T] int (0 = padding, one id per packed sample; an unpacked row is all 1).
+    None / "" / "xla": `xla_attention` on the mask. With `causal` (self-attention whose
     mask hides every later key) it skips the fully masked key blocks on CPU (`causal_pieces`): that paid on the
     CPU bench (3.16 -> 3.10 s/step) but raised XLA's estimated time per 7b layer on TPU (89.7 -> 98.3 ms), so
-    other platforms attend in one piece. "cudnn": the fused GPU kernel. "flash_tpu": causal self-attention only,
-    masking by `segment_ids` [B, T] (1 = token, 0 = padding) instead of `mask`; see `flash_tpu_attention`.
+    other platforms attend in one piece. "cudnn": the fused GPU kernel on the same mask (`cudnn_attention`).
+    "flash_tpu": causal self-attention only, masking by `segment_ids` instead of `mask`; see
+    `flash_tpu_attention`.
     Fused kernels skip masked blocks themselves.
     """
     if implementation not in ATTENTION_IMPLS:
@@ -39,8 +50,7 @@ def attention_fn(implementation: str | None, causal: bool = False):
     if implementation == "flash_tpu":
         return lambda q, k, v, mask, segment_ids=None: flash_tpu_attention(q, k, v, segment_ids)
     if implementation == "cudnn":
-        return lambda q, k, v, mask, segment_ids=None: jax.nn.dot_product_attention(
-            q, k, v, mask=mask, implementation="cudnn")
+        return lambda q, k, v, mask, segment_ids=None: cudnn_attention(q, k, v, mask)
     if not causal:
         return lambda q, k, v, mask, segment_ids=None: xla_attention(q, k, v, mask)
 
@@ -50,6 +60,30 @@ def attention_fn(implementation: str | None, causal: bool = False):
                                           cpu=functools.partial(xla_attention, pieces=pieces))
 
     return attend_causal
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal attention mask [B, 1, T, T] bool of rows of segments: segment_ids [B, T] int (0 = padding).
+
+    A token attends to itself and to earlier tokens of its own segment; a padding token attends to every
+    earlier non-padding token and itself (its output is never used; this keeps the unpacked mask unchanged:
+    for segment ids 0 / 1 it equals causal & key-is-valid). Never fully masked, so softmax stays finite.
+    """
+    seg = segment_ids.astype(jnp.int32)
+    t = seg.shape[1]
+    pos = jnp.arange(t)
+    causal = pos[None, None, :] <= pos[None, :, None]  # [1, T, S]
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, :, None] == 0)
+    mask = causal & (seg[:, None, :] > 0) & same
+    return (mask | (pos[None, None, :] == pos[None, :, None]))[:, None]
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+                    implementation: str = "cudnn") -> jax.Array:
+    """`jax.nn.dot_product_attention` with the explicit boolean mask [B, 1, T, S] (padding, causality and
+    packed segments in one; cuDNN adds it as a bias). q [B, T, N, H], k / v [B, S, K, H] -> [B, T, N, H].
+    `implementation` is "cudnn" in training; tests pass "xla" to check on CPU the inputs cuDNN gets."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def causal_pieces(t: int, block: int = 128, max_pieces: int = 8) -> int:
@@ -161,8 +195,9 @@ def flash_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
     """Causal self-attention with the Pallas TPU flash-attention kernel (no [T, S] matrix in memory).
 
     q [B, T, N, H], k / v [B, T, K, H] (K divides N: grouped heads are repeated), segment_ids [B, T] int
-    (tokens 1, padding 0: a token attends to earlier tokens of its own segment, which for valid tokens is the
-    same as the causal-and-padding mask; padded positions' outputs differ and are never used). T must be a
+    (one id per packed sample, 1 for an unpacked row's tokens, padding 0: a token attends to earlier tokens of
+    its own segment, which for valid tokens is the same as `segment_mask`; padded positions' outputs differ
+    and are never used). T must be a
     multiple of FLASH_BLOCK. Under a mesh the kernel runs per shard (`shard_map` over the batch and head axes
     the logical rules give), since XLA cannot partition a custom kernel. Returns [B, T, N, H].
     """

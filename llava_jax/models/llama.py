@@ -123,6 +123,15 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Rotary positions [B, T] of packed rows: each run of equal segment ids [B, T] counts from 0."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
 class LlamaForCausalLM(nnx.Module):
     """LLaMA decoder with its language-model head.
 
@@ -206,7 +215,8 @@ class LlamaForCausalLM(nnx.Module):
     # -------------------------------------------------------------------------------------------- forward
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                 cache: Cache | None = None, return_hidden: bool = False, lora_key: jax.Array | None = None):
+                 cache: Cache | None = None, return_hidden: bool = False, lora_key: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None):
         """Runs the decoder.
 
         Args:
@@ -218,6 +228,9 @@ class LlamaForCausalLM(nnx.Module):
             (a scalar; or, for a slot cache whose rows hold unrelated sequences, an index per row [B]).
           return_hidden: return the final-norm'd hidden states [B, T, D] instead of logits.
           lora_key: PRNG key for the LoRA adapters' dropout (training); None = no dropout.
+          segment_ids: [B, T] int for packed rows (training, no cache): one id per sample, 0 = padding; a token
+            attends only to earlier tokens of its own sample (`attention.segment_mask`, and the flash kernel's
+            segment ids), and default positions restart at 0 at each sample's first token.
         Returns:
           (logits [B, T, V] — or hidden [B, T, D] — , the updated cache or None).
         """
@@ -243,12 +256,18 @@ class LlamaForCausalLM(nnx.Module):
             valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, start))
             q_slots = (start + jnp.arange(t))[None]
             k_slots = jnp.arange(valid.shape[1])
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for training; a KV cache holds one sequence per row")
+            segment_ids = segment_ids.astype(jnp.int32)
+            if positions is None:
+                positions = segment_positions(segment_ids)
         if positions is None:
             before = jnp.cumsum(valid, axis=1) - 1
             positions = jnp.maximum(jnp.take_along_axis(before, jnp.broadcast_to(q_slots, (b, t)), axis=1), 0)
         causal = (k_slots[None, None, :] <= q_slots[:, :, None]) & (valid[:, None, :] > 0)  # [B, T, S]
         causal = causal | (k_slots[None, None, :] == q_slots[:, :, None])  # padded queries see themselves
-        mask = causal[:, None]  # [B, 1, T, S]
+        mask = causal[:, None] if segment_ids is None else A.segment_mask(segment_ids)  # [B, 1, T, S]
         inv_freq = jnp.asarray(rope_inv_freq(c))
         nq, nk, hd, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
         impl, act = self.attention_impl, L.activation(c.hidden_act)
@@ -273,7 +292,7 @@ class LlamaForCausalLM(nnx.Module):
                 else:
                     a = attention(q, k_all.transpose(0, 3, 1, 2), v_all.transpose(0, 2, 1, 3), mask)
             else:
-                a = attention(q, k_all, v_all, mask, segment_ids=valid)
+                a = attention(q, k_all, v_all, mask, segment_ids=valid if segment_ids is None else segment_ids)
             x = x + proj("o", a.reshape(b, t, nq * hd), w)
             y = L.rms_norm(x, w["post_norm"], eps)
             g = proj("gate", y, w)

@@ -153,7 +153,12 @@ class Llava(nnx.Module):
                                                attention_impl=attention_impl, remat=remat)
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """pixel_values [B, H, W, 3] -> projected image features [B, num_image_tokens, D]."""
+        """pixel_values [B, H, W, 3] -> projected image features [B, num_image_tokens, D]; packed rows'
+        image slots [B, M, H, W, 3] -> [B, M, num_image_tokens, D]."""
+        if pixel_values.ndim == 5:
+            b, m = pixel_values.shape[:2]
+            feats = self.image_features(pixel_values.reshape((b * m,) + pixel_values.shape[2:]))
+            return feats.reshape((b, m) + feats.shape[1:])
         layers = self.config.feature_layers
         hidden, _ = self.vision_tower(pixel_values, num_layers=max(layers), remat=self.remat)
         feats = jnp.concatenate([hidden[i] for i in layers], axis=-1)
@@ -162,16 +167,27 @@ class Llava(nnx.Module):
         return self.projector(feats)
 
     def merge(self, input_ids: jax.Array, image_features: jax.Array | None,
-              has_image: jax.Array | None = None) -> jax.Array:
+              has_image: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
         """Token embeddings [B, T, D] with the k-th image token of each sample replaced by its k-th feature.
 
         input_ids [B, T]; image_features [B, N, D]; has_image [B] bool (samples without an image keep their
-        token embeddings)."""
+        token embeddings). Packed rows (`data.packing`): image_features [B, M, N, D] (M image slots per row,
+        filled in the order of the row's samples), has_image [B, M] int: the segment id of the sample owning
+        slot m (0 = empty slot), segment_ids [B, T]; the image tokens of the samples owning a slot, read left to
+        right, take the slots' features in order, so each sample's image lands at its own image tokens."""
         embeds = self.language_model.embed(input_ids)
         if image_features is None:
             return embeds
         is_image = input_ids == self.config.image_token_id
-        if has_image is not None:
+        if image_features.ndim == 4:
+            b, m, n_img, d = image_features.shape
+            if has_image is not None:
+                owner = has_image.astype(jnp.int32)
+                seg = segment_ids if segment_ids is not None else jnp.ones_like(input_ids)
+                owned = (seg.astype(jnp.int32)[:, :, None] == owner[:, None, :]) & (owner[:, None, :] > 0)
+                is_image = is_image & jnp.any(owned, axis=-1)
+            image_features = image_features.reshape(b, m * n_img, d)
+        elif has_image is not None:
             is_image = is_image & has_image.astype(bool)[:, None]
         n = image_features.shape[1]
         index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, n - 1)
@@ -181,21 +197,26 @@ class Llava(nnx.Module):
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                  has_image: jax.Array | None = None, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: Cache | None = None,
-                 return_hidden: bool = False, lora_key: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+                 return_hidden: bool = False, lora_key: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """Runs LLaVA.
 
         Args:
           input_ids: [B, T] int32, image positions hold image_token_id (num_image_tokens per image).
-          pixel_values: [B, H, W, 3] normalised images, or None for a text-only batch.
-          has_image: [B] bool, which samples carry an image (all, by default, when pixel_values is given).
-          attention_mask, positions, cache, return_hidden, lora_key: as in `LlamaForCausalLM.__call__`.
+          pixel_values: [B, H, W, 3] normalised images, or None for a text-only batch; packed rows:
+            [B, M, H, W, 3] image slots (see `merge`).
+          has_image: [B] bool, which samples carry an image (all, by default, when pixel_values is given);
+            packed rows: [B, M] int, the segment id owning each image slot (0 = empty).
+          attention_mask, positions, cache, return_hidden, lora_key, segment_ids: as in
+            `LlamaForCausalLM.__call__` (segment_ids [B, T]: packed rows, one id per sample, 0 = padding).
         Returns:
           (logits [B, T, V] or final hidden [B, T, D], cache or None).
         """
         feats = self.image_features(pixel_values) if pixel_values is not None else None
-        embeds = self.merge(input_ids, feats, has_image)
+        embeds = self.merge(input_ids, feats, has_image, segment_ids)
+        extra = {} if segment_ids is None else {"segment_ids": segment_ids}
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, positions=positions,
-                                   cache=cache, return_hidden=return_hidden, lora_key=lora_key)
+                                   cache=cache, return_hidden=return_hidden, lora_key=lora_key, **extra)
 
 
 def build_llava(config: LlavaConfig, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
