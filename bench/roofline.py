@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import shutil
 import statistics
@@ -88,46 +89,55 @@ def _sync_torch(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class Bandwidth:
+    """Read bandwidth probes (bytes/s): a full sum over a float32 array of 1 GiB (CPU) / 4 GiB (GPU) in JAX, torch
+    and (CPU) NumPy. `sample()` times each once; sampled between the decode runs, the probes see the same
+    machine load as they do. `copy()` times a copy into a buffer allocated beforehand (read + write bytes; a
+    fresh output would time page faults)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.device = device
+        self.nbytes = (4 if device == "gpu" else 1) * 1024**3
+        n = self.nbytes // 4
+        self._jx = jnp.ones((n,), jnp.float32)
+        self._jsum = jax.jit(jnp.sum)
+        self._t = torch.ones(n, dtype=torch.float32, device="cuda" if device == "gpu" else "cpu")
+        self._np = np.ones((n,), np.float32) if device == "cpu" else None
+        self.samples: dict[str, list[float]] = {"jax_sum": [], "torch_sum": []}
+        if self._np is not None:
+            self.samples["numpy_sum"] = []
+        self._jsum(self._jx).block_until_ready()  # compile
+
+    def _time(self, name: str) -> float:
+        if name == "jax_sum":
+            return common.time_call(lambda: self._jsum(self._jx).block_until_ready())
+        if name == "torch_sum":
+            return common.time_call(lambda: (self._t.sum(), _sync_torch(self.device)))
+        return common.time_call(lambda: self._np.sum())
+
+    def sample(self, reps: int = 1) -> None:
+        for _ in range(reps):
+            for name in self.samples:
+                self.samples[name].append(self.nbytes / self._time(name))
+
+    def copy(self, reps: int = 5) -> float:
+        out = self._t.clone()
+        times = [common.time_call(lambda: (out.copy_(self._t), _sync_torch(self.device))) for _ in range(reps)]
+        return 2 * self.nbytes / statistics.median(times)
+
+    def summary(self) -> dict[str, float]:
+        """Median per probe; `read`: the best of them (the roofline's bandwidth)."""
+        out = {k: statistics.median(v) for k, v in self.samples.items()}
+        out["read"] = max(out.values())
+        out["samples"] = sum(len(v) for v in self.samples.values())
+        return out
+
+
 def _median_time(fn, reps: int) -> float:
     fn()  # warm-up (compiles)
     return statistics.median(common.time_call(fn) for _ in range(reps))
-
-
-def memory_bandwidth(device: str, reps: int = 7) -> dict[str, float]:
-    """Measured read bandwidth (bytes/s): a full sum over a float32 array of 1 GiB (CPU) / 4 GiB (GPU), in JAX,
-    torch and (CPU) NumPy; `read` is the best. `copy` (read + write bytes) is reported beside it."""
-    import torch
-
-    nbytes = (4 if device == "gpu" else 1) * 1024**3
-    n = nbytes // 4
-    out: dict[str, float] = {}
-    x = jnp.ones((n,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    out["jax_sum"] = nbytes / _median_time(lambda: total(x).block_until_ready(), reps)
-    del x
-    tdev = "cuda" if device == "gpu" else "cpu"
-    xt = torch.ones(n, dtype=torch.float32, device=tdev)
-    yt = torch.empty_like(xt)
-
-    def tsum():
-        xt.sum()
-        _sync_torch(device)
-
-    def tcopy():
-        yt.copy_(xt)
-        _sync_torch(device)
-
-    out["torch_sum"] = nbytes / _median_time(tsum, reps)
-    out["torch_copy"] = 2 * nbytes / _median_time(tcopy, reps)
-    del xt, yt
-    if device == "cpu":
-        xn, yn = np.ones((n,), np.float32), np.zeros((n,), np.float32)
-        out["numpy_sum"] = nbytes / _median_time(lambda: xn.sum(), reps)
-        out["numpy_copy"] = 2 * nbytes / _median_time(lambda: np.copyto(yn, xn), reps)
-        del xn, yn
-    out["read"] = max(v for k, v in out.items() if k.endswith("_sum"))
-    out["copy"] = max(v for k, v in out.items() if k.endswith("_copy"))
-    return out
 
 
 def matmul_peak(device: str, dtype: str, reps: int = 7) -> dict[str, float]:
@@ -176,30 +186,35 @@ def prefill_flops(config, tokens: int) -> float:
     return float(n * (dense + attention) + 2 * d * v)
 
 
-# ------------------------------------------------------------------------------------------ the two peers
+# ------------------------------------------------------------------------------------------ the peers
 
 
-def _ours_setup(size: str, dtype: str, allocator: str) -> dict:
-    """(In the llava_jax process.) The model from its seed in `dtype`; gen(ids, n) -> n new token ids."""
+def _ours_setup(hf_dir: str, dtype: str, split: bool | None, device: str, allocator: str) -> dict:
+    """(In a llava_jax process.) The HF directory's weights in `dtype`; gen(ids, n) -> n new token ids.
+    split: `generate`'s split_layers (None: its default for the platform)."""
     common.set_allocator(allocator)
-    config = model_config(size)
+    if device == "gpu" and dtype == "float32":  # true float32 products, as torch does by default (not TF32)
+        jax.config.update("jax_default_matmul_precision", "highest")
+    from llava_jax.convert.model_dir import load_model
+
     jdt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    model = common.build(config, dtype=jdt, param_dtype=jdt)
+    model = load_model(hf_dir, dtype=jdt, param_dtype=jdt).model
 
     def gen(ids, n):
-        return generate(model, [list(ids)], None, max_new_tokens=n, eos_ids=[-1])[0]
+        return generate(model, [list(ids)], None, max_new_tokens=n, eos_ids=[-1], split_layers=split)[0]
 
     return {"gen": gen}
 
 
 def _hf_setup(hf_dir: str, dtype: str, device: str, allocator: str) -> dict:
-    """(In the transformers process.) The exported twin in `dtype` on `device`; gen(ids, n) -> new ids."""
+    """(In the transformers process.) The same directory in `dtype` on `device`; gen(ids, n) -> new ids."""
     common.set_allocator(allocator)
     import torch
+    from transformers import LlavaForConditionalGeneration
 
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     dev = "cuda" if device == "gpu" else "cpu"
-    hf = common.load_hf(hf_dir).to(device=dev, dtype=tdt).eval()
+    hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=tdt, attn_implementation="sdpa").to(dev).eval()
 
     def gen(ids, n):
         x = torch.tensor([list(ids)], dtype=torch.long, device=dev)
@@ -211,15 +226,25 @@ def _hf_setup(hf_dir: str, dtype: str, device: str, allocator: str) -> dict:
     return {"gen": gen}
 
 
-def _measure(peer, ids: list[int], new: int, rounds: int) -> tuple[list[int], list[float], list[float]]:
-    """Tokens of an N-token greedy run, and the times of 1-token and N-token runs (alternating)."""
-    tokens = peer("gen", ids, new)  # warm-up: compiles / allocates
-    peer("gen", ids, 1)
-    t1, tn = [], []
-    for _ in range(rounds):
-        t1.append(common.time_call(lambda: peer("gen", ids, 1)))
-        tn.append(common.time_call(lambda: peer("gen", ids, new)))
-    return tokens, t1, tn
+def write_model(config, directory: str, seed: int = 0) -> int:
+    """A random transformers LLaVA of `config` (its own initialisation, float32) saved to `directory`, which
+    both peers load; returns the language model's parameter count."""
+    import torch
+    from transformers import LlavaConfig as HFLlavaConfig
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(HFLlavaConfig.from_dict(config.to_hf())).eval()
+    model.save_pretrained(directory)
+    return sum(p.numel() for n, p in model.named_parameters()
+               if "vision_tower" not in n and "multi_modal_projector" not in n)
+
+
+def _agreement(a: list[int], b: list[int]) -> dict[str, float]:
+    """Share of equal positions, and the length of the common prefix (greedy runs part after one change)."""
+    same = np.asarray(a) == np.asarray(b)
+    return {"equal_fraction": float(same.mean()), "common_prefix": int(np.argmin(same)) if not same.all()
+            else len(a)}
 
 
 def main() -> None:
@@ -232,6 +257,8 @@ def main() -> None:
     p.add_argument("--new", type=int, default=64, help="new tokens per timed run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="run the transformers peer")
+    p.add_argument("--both-layouts", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time llava_jax with generate's other split_layers setting")
     common.add_allocator_flags(p)
     args = p.parse_args()
     size = args.size or DEVICE
@@ -240,67 +267,92 @@ def main() -> None:
         dtypes.insert(0, "float32")  # the reference for token agreement
     config = model_config(size)
 
-    bw = memory_bandwidth(DEVICE)
-    print(f"memory bandwidth: read {bw['read'] / 1e9:.1f} GB/s, copy {bw['copy'] / 1e9:.1f} GB/s  "
-          + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bw.items() if k not in ("read", "copy")), flush=True)
-    peaks = {d: matmul_peak(DEVICE, d) for d in dtypes}
-    for d, pk in peaks.items():
-        print(f"matmul peak {d}: {pk['peak'] / 1e9:.1f} GFLOP/s (jax {pk['jax'] / 1e9:.1f}, torch "
-              f"{pk['torch'] / 1e9:.1f})", flush=True)
+    bw = Bandwidth(DEVICE)
+    bw.sample(reps=5)
+    copy_bw = bw.copy()
+    s0 = bw.summary()
+    print(f"memory bandwidth (before): read {s0['read'] / 1e9:.1f} GB/s ("
+          + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in s0.items() if k.endswith("_sum"))
+          + f"); copy {copy_bw / 1e9:.1f} GB/s", flush=True)
+    peaks = {}
+    for d in dtypes:
+        if DEVICE == "gpu" and d == "float32":
+            with jax.default_matmul_precision("highest"):
+                peaks[d] = matmul_peak(DEVICE, d)
+        else:
+            peaks[d] = matmul_peak(DEVICE, d)
+        print(f"matmul peak {d}: {peaks[d]['peak'] / 1e9:.1f} GFLOP/s (jax {peaks[d]['jax'] / 1e9:.1f}, torch "
+              f"{peaks[d]['torch'] / 1e9:.1f})", flush=True)
 
     rng = np.random.default_rng(0)
     ids = [1] + rng.integers(3, config.text.vocab_size - 1, size=args.prompt - 1).tolist()
     mean_cache = args.prompt + args.new / 2
     flops = prefill_flops(config, args.prompt)
-    results: dict[str, dict] = {}
-    reference: dict[str, list[int]] = {}
+    default_split = DEVICE == "cpu"  # generate's split_layers=None
+    variants = {"ours": None}
+    if args.both_layouts:
+        variants["ours_scan" if default_split else "ours_split"] = not default_split
+    raw: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = common.build(config)
-        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.language_model))
-        common.export_twin(model, config, tmp)  # float32; the HF peer casts to each dtype
-        del model
+        n_params = write_model(config, tmp)
         print(f"model: language model {n_params / 1e6:.0f}M parameters (width {config.text.hidden_size}, "
-              f"{config.text.num_hidden_layers} layers, vocab {config.text.vocab_size}); prompt {args.prompt}, "
-              f"{args.new} new tokens, batch 1", flush=True)
+              f"{config.text.num_hidden_layers} layers, MLP {config.text.intermediate_size}, vocab "
+              f"{config.text.vocab_size}); prompt {args.prompt} tokens, {args.new} new, batch 1", flush=True)
         for dtype in dtypes:
-            nbytes = decode_bytes(config, 4 if dtype == "float32" else 2, mean_cache)
-            ideal = nbytes["total"] / bw["read"]
-            peers = {"ours": common.Peer(_ours_setup, size, dtype, args.ours_allocator)}
+            peers = {name: common.Peer(_ours_setup, tmp, dtype, split, DEVICE, args.ours_allocator)
+                     for name, split in variants.items()}
             if args.hf:
                 peers["hf"] = common.Peer(_hf_setup, tmp, dtype, DEVICE, args.hf_allocator)
-            row: dict[str, object] = {"bytes_per_token": nbytes, "ideal_s_per_token": ideal,
-                                      "prefill_flops": flops}
-            toks = {}
-            for name, peer in peers.items():
-                tokens, t1, tn = _measure(peer, ids, args.new, args.rounds)
+            tokens = {name: peer("gen", ids, args.new) for name, peer in peers.items()}  # warm-up, compared
+            for peer in peers.values():
+                peer("gen", ids, 1)
+            times = {name: ([], []) for name in peers}
+            for _ in range(args.rounds):  # alternate: every peer and the bandwidth probes see the same load
+                bw.sample()
+                for name, peer in peers.items():
+                    times[name][0].append(common.time_call(functools.partial(peer, "gen", ids, 1)))
+                    times[name][1].append(common.time_call(functools.partial(peer, "gen", ids, args.new)))
+            for peer in peers.values():
                 peer.close()
-                toks[name] = tokens
-                s_tok = (common.median(tn) - common.median(t1)) / (args.new - 1)
-                prefill = common.median(t1)
-                row[name] = {"s_per_token": s_tok, "tokens_per_s": 1 / s_tok,
-                             "bandwidth_fraction": ideal / s_tok, "achieved_bytes_per_s": nbytes["total"] / s_tok,
-                             "prefill_s": prefill, "prefill_flops_per_s": flops / prefill,
-                             "peak_fraction": flops / prefill / peaks[dtype]["peak"]}
-                if dtype == "float32":
-                    reference[name] = tokens
-                else:
-                    row[name]["agreement_with_float32"] = float(np.mean(np.asarray(tokens) ==
-                                                                        np.asarray(reference[name])))
-                r = row[name]
-                print(f"{dtype} {name}: decode {s_tok * 1e3:.2f} ms/token = {r['bandwidth_fraction']:.0%} of the "
-                      f"bandwidth roofline ({ideal * 1e3:.2f} ms for {nbytes['total'] / 1e6:.0f} MB); prefill "
-                      f"{prefill * 1e3:.0f} ms = {r['peak_fraction']:.0%} of the {dtype} matmul peak"
-                      + (f"; tokens equal to float32: {r['agreement_with_float32']:.0%}"
-                         if "agreement_with_float32" in r else ""), flush=True)
-            if "hf" in toks:
-                row["agreement_ours_hf"] = float(np.mean(np.asarray(toks["ours"]) == np.asarray(toks["hf"])))
-                row["decode_ratio"] = row["hf"]["s_per_token"] / row["ours"]["s_per_token"]
-                print(f"{dtype}: decode ours/HF speed {row['decode_ratio']:.2f}x; tokens equal ours vs HF "
-                      f"{row['agreement_ours_hf']:.0%}", flush=True)
-            results[dtype] = row
+            raw[dtype] = {"tokens": tokens, "times": times}
+            print(f"{dtype}: timed " + ", ".join(peers), flush=True)
+    bw.sample(reps=3)
+    band = bw.summary()
+    band["copy"] = copy_bw
+    print(f"memory bandwidth (all {band['samples']} samples, medians): read {band['read'] / 1e9:.1f} GB/s ("
+          + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in band.items() if k.endswith("_sum")) + ")", flush=True)
+
+    results: dict[str, dict] = {}
+    for dtype, r in raw.items():
+        nbytes = decode_bytes(config, 4 if dtype == "float32" else 2, mean_cache)
+        ideal = nbytes["total"] / band["read"]
+        row: dict[str, object] = {"bytes_per_token": nbytes, "ideal_s_per_token": ideal, "prefill_flops": flops}
+        for name, (t1, tn) in r["times"].items():
+            s_tok = (common.median(tn) - common.median(t1)) / (args.new - 1)
+            prefill = common.median(t1)
+            row[name] = {"s_per_token": s_tok, "tokens_per_s": 1 / s_tok, "bandwidth_fraction": ideal / s_tok,
+                         "achieved_bytes_per_s": nbytes["total"] / s_tok, "prefill_s": prefill,
+                         "prefill_flops_per_s": flops / prefill, "peak_fraction": flops / prefill / peaks[dtype]["peak"]}
+            if dtype != "float32":
+                row[name]["agreement_with_float32"] = _agreement(r["tokens"][name], raw["float32"]["tokens"][name])
+            e = row[name]
+            print(f"{dtype} {name}: decode {s_tok * 1e3:.2f} ms/token = {e['bandwidth_fraction']:.1%} of the "
+                  f"bandwidth roofline ({ideal * 1e3:.2f} ms for {nbytes['total'] / 1e6:.0f} MB); prefill "
+                  f"{prefill * 1e3:.1f} ms = {e['peak_fraction']:.1%} of the {dtype} matmul peak"
+                  + (f"; tokens equal to float32 {e['agreement_with_float32']['equal_fraction']:.0%} (common "
+                     f"prefix {e['agreement_with_float32']['common_prefix']})" if dtype != "float32" else ""),
+                  flush=True)
+        if "hf" in r["tokens"]:
+            row["ours_vs_hf"] = _agreement(r["tokens"]["ours"], r["tokens"]["hf"])
+            row["decode_speed_ratio"] = row["hf"]["s_per_token"] / row["ours"]["s_per_token"]
+            row["prefill_speed_ratio"] = row["hf"]["prefill_s"] / row["ours"]["prefill_s"]
+            print(f"{dtype}: ours / HF decode speed {row['decode_speed_ratio']:.2f}x, prefill "
+                  f"{row['prefill_speed_ratio']:.2f}x; tokens equal ours vs HF "
+                  f"{row['ours_vs_hf']['equal_fraction']:.0%}", flush=True)
+        results[dtype] = row
     common.emit({"bench": "roofline", "device": DEVICE, "size": size, "language_model_params": n_params,
-                 "prompt": args.prompt, "new_tokens": args.new, "bandwidth": bw,
-                 "matmul_peak": {d: pk["peak"] for d, pk in peaks.items()}, **results,
+                 "prompt": args.prompt, "new_tokens": args.new, "bandwidth": band,
+                 "matmul_peak": {d: pk for d, pk in peaks.items()}, **results,
                  "bandwidth_fraction": results["float32"]["ours"]["bandwidth_fraction"],
                  "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": common.machine()})
 

@@ -5,6 +5,9 @@ cache in one call, then decodes inside one jitted `lax.while_loop` (greedy, temp
 stopping early once every sequence has produced an end-of-sequence token. Stop strings are applied afterwards
 on the decoded text. Prompt and cache lengths are rounded up to buckets so repeated calls reuse compilations.
 
+At batch 1 decoding is bound by memory bandwidth (every step reads all decoder weights): on CPU the decode loop
+runs on per-layer copies of the weights (`split_layers`), and `--dtype bfloat16` halves the bytes read.
+
   python -m llava_jax.generate --model runs/demo/hf --image cat.jpg --prompt "What is in the image?" --json
 """
 
@@ -24,6 +27,7 @@ from llava_jax import cli, host_memory
 from llava_jax.models.llava import Llava
 
 BUCKET = 32
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --dtype: weights and compute
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -148,6 +152,7 @@ def generate(model: Llava, input_ids_list: Sequence[Sequence[int]], pixel_values
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     if split_layers is None:
         split_layers = jax.default_backend() == "cpu"
+    split_layers = split_layers and max_new_tokens > 1  # no decode step: nothing to split for
     graphdef, state = nnx.split(model)
     out, n = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), pixel_values, has_image, eos,
                            jax.random.key(seed), max_new_tokens=max_new_tokens, cache_len=cache_len,
@@ -214,10 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print {'text': ..., 'token_ids': [...]}")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                   help="weights and compute (bfloat16 halves the bytes each decoded token reads; on accelerators: "
+                        "XLA:CPU's bfloat16 matmuls are slower than its float32 ones)")
     args = p.parse_args(argv)
     host_memory.retain_freed_memory()  # XLA:CPU: reuse freed pages (before JAX's backend starts)
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.dtype])
     if loaded.tokenizer is None:
         print(f"error: {args.model} has no tokenizer", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from llava_jax.models import layers as L
 from llava_jax.models import lora as lora_lib
 
 Cache = dict[str, jax.Array]
+TRANSPOSE_MIN = 1024  # `split_weights`: kernels with this many inputs or more are stored [out, in]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +126,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 class SplitWeights(NamedTuple):
     """The decoder's weights laid out for batch-1 decoding (`LlamaForCausalLM.split_weights`): `layers`, one
-    dict per layer whose matmul kernels are `{name}_kernel_t` [out, in] arrays of their own, and `head` [V, D],
-    the output projection in the same transposed layout."""
+    dict per layer of arrays of their own, whose matmul kernels are `{name}_kernel` [in, out] or, for long
+    rows, `{name}_kernel_t` [out, in]; `head`, the output projection, [V, D] when `head_transposed`, else
+    [D, V]."""
 
     layers: list[dict[str, jax.Array]]
     head: jax.Array
+    head_transposed: bool
 
 
 def dense_t(x: jax.Array, kernel_t: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -219,25 +222,32 @@ class LlamaForCausalLM(nnx.Module):
             names += [n for t in self.lora.targets for n in lora_lib.adapter_names(t)]
         return {k: getattr(self, k)[...] for k in names}
 
-    def split_weights(self, dtype=None) -> SplitWeights:
-        """The decoder's weights for `__call__(split=...)`: each layer's in arrays of their own, matmul kernels
-        transposed to [out, in], and the head as [V, D], in `dtype` (default: the compute dtype).
+    def split_weights(self, dtype=None, transpose_min: int = TRANSPOSE_MIN) -> SplitWeights:
+        """The decoder's weights for `__call__(split=...)`: each layer's in arrays of their own, in `dtype`
+        (default: the compute dtype); kernels with at least `transpose_min` inputs (and the head, by the
+        model width) transposed to [out, in].
 
         Inside a jitted function these are copies made once; a decode loop then multiplies the buffers as they
         lie, where the scan over the stacked [Lyr, ...] parameters has XLA:CPU copy each layer's slice out of
         the stack before its matmuls at every step (three times the weight traffic of a memory-bound batch-1
-        step), and the [out, in] layout streams ~10% faster than [in, out] in a matrix-vector product there.
-        Costs one more copy of the decoder weights while it lives."""
+        step). XLA:CPU's matrix-vector product streamed [out, in] weights with 1,024-long rows 12-25% faster
+        than [in, out], and 256-long rows at half the speed (bench/roofline.py's notes in BENCHMARKS.md), hence
+        the threshold. Costs one more copy of the decoder weights while it lives."""
         dt = dtype or self.dtype
 
         def one(name, v):
-            return jnp.swapaxes(v, 0, 1).astype(dt) if name.endswith("_kernel") else v.astype(dt)
+            if name.endswith("_kernel") and v.shape[0] >= transpose_min:
+                return name + "_t", jnp.swapaxes(v, 0, 1).astype(dt)
+            return name, v.astype(dt)
 
         stacked = self._layer_weights()
-        layers = [{(k + "_t" if k.endswith("_kernel") else k): one(k, v[i]) for k, v in stacked.items()}
-                  for i in range(self.config.num_hidden_layers)]
-        head = (self.embed_tokens[...] if self.config.tie_word_embeddings else self.lm_head[...].T).astype(dt)
-        return SplitWeights(layers, head)
+        layers = [dict(one(k, v[i]) for k, v in stacked.items()) for i in range(self.config.num_hidden_layers)]
+        transposed = self.config.hidden_size >= transpose_min
+        if self.config.tie_word_embeddings:
+            head = self.embed_tokens[...] if transposed else self.embed_tokens[...].T
+        else:
+            head = self.lm_head[...].T if transposed else self.lm_head[...]
+        return SplitWeights(layers, head.astype(dt), transposed)
 
     @staticmethod
     def split_cache(cache: Cache) -> Cache:
@@ -395,5 +405,5 @@ class LlamaForCausalLM(nnx.Module):
         if return_hidden:
             return h, new_cache
         if split is not None:
-            return dense_t(h, split.head), new_cache
+            return (dense_t if split.head_transposed else L.dense)(h, split.head), new_cache
         return self.logits(h), new_cache
