@@ -3,15 +3,16 @@ bandwidth, prefill as a fraction of the measured matmul peak, llava_jax next to 
 
 What is measured (each framework in a process of its own, `common.Peer`; the machine figures in the parent):
 
-- Memory bandwidth: the best of a timed full reduction (`sum`) over a 1 GiB float32 array (far larger than any
-  cache) in JAX, torch and NumPy (CPU only), median of `--reps`; bytes read / seconds. A copy (read + write) is
-  reported alongside. On a GPU the array lives in device memory (4 GiB).
+- Memory bandwidth: the best of timed full reductions (`sum`) over a 1 GiB float32 array (far larger than any
+  cache) in JAX, torch and NumPy (CPU only), each the median of samples taken before, between and after the
+  decode runs (so they see the same load); bytes read / seconds. A copy (read + write) is reported alongside.
+  On a GPU the arrays live in device memory (4 GiB).
 - Matmul peak: a square matmul (n = 4096 on CPU, 8192 on GPU), float32 and bfloat16, in JAX and torch; the
   larger per dtype.
 - The model: a random LLaVA whose language model is a LLaMA big enough that weights dominate the KV cache
-  (`--size`; "cpu": width 1024, 12 layers, MLP 2816, vocab 32,000, ~220M parameters; "gpu": width 2048,
-  16 layers, MLP 5504, ~940M), with a tiny vision tower (text-only prompts: the roofline is the decoder's).
-  The same weights go to transformers' `LlavaForConditionalGeneration` (exported by `convert`'s HF writer).
+  (`--size`; "cpu": width 1024, 12 layers, MLP 2816, vocab 32,000, 220M parameters; "gpu": width 2048,
+  12 layers, MLP 5504, 735M), with a tiny vision tower (text-only prompts: the roofline is the decoder's):
+  transformers' own random initialisation, saved once; both frameworks load that directory.
 - Decode: s/token = (t(N new) - t(1 new)) / (N - 1) for one random `--prompt`-token prompt at batch 1, EOS
   disabled; bytes per token = every weight a decode step must read (decoder layers, final norm, LM head, one
   embedding row) + the live KV cache (keys and values of every layer at the mean cache length). Roofline
@@ -19,10 +20,13 @@ What is measured (each framework in a process of its own, `common.Peer`; the mac
 - Prefill: t(1 new) (prompt forward + one LM-head row + one sampled token) against the prompt forward's FLOPs
   (2 x decoder weights x tokens + causal attention 2 T^2 D per layer + the head row) at the matmul peak.
 - Precisions (`--dtypes`): float32, and bfloat16 weights and compute in both frameworks; token agreement of each
-  with float32 greedy (same framework) and between the frameworks.
+  with float32 greedy (same framework) and between the frameworks. On a GPU float32 products are true float32
+  in both (JAX's default precision there would be TF32).
+- llava_jax runs with `generate`'s default decode layout for the platform (`ours`: per-layer weight copies on
+  CPU) and, with `--both-layouts`, the other one (`ours_scan` / `ours_split`).
 
-  nice -n 19 .venv/bin/python bench/roofline.py                     # CPU (this machine)
-  .venv/bin/python bench/roofline.py --device gpu                    # an NVIDIA GPU (jax[cuda] + torch cuda)
+  PYTHONPATH=. nice -n 19 .venv/bin/python bench/roofline.py --new 32 --rounds 2    # CPU (this machine)
+  PYTHONPATH=. python bench/roofline.py --device gpu                                # an NVIDIA GPU
 
 The last line is one JSON object.
 """
@@ -30,6 +34,7 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -69,7 +74,7 @@ from llava_jax.generate import generate  # noqa: E402
 SIZES = {  # name: (width, layers, MLP width)
     "tiny": (256, 2, 688),  # a smoke test of the script itself
     "cpu": (1024, 12, 2816),
-    "gpu": (2048, 16, 5504),
+    "gpu": (2048, 12, 5504),
 }
 
 
@@ -299,10 +304,12 @@ def main() -> None:
               f"{config.text.num_hidden_layers} layers, MLP {config.text.intermediate_size}, vocab "
               f"{config.text.vocab_size}); prompt {args.prompt} tokens, {args.new} new, batch 1", flush=True)
         for dtype in dtypes:
-            peers = {name: common.Peer(_ours_setup, tmp, dtype, split, DEVICE, args.ours_allocator)
-                     for name, split in variants.items()}
+            starts = {name: (_ours_setup, tmp, dtype, split, DEVICE, args.ours_allocator)
+                      for name, split in variants.items()}
             if args.hf:
-                peers["hf"] = common.Peer(_hf_setup, tmp, dtype, DEVICE, args.hf_allocator)
+                starts["hf"] = (_hf_setup, tmp, dtype, DEVICE, args.hf_allocator)
+            with concurrent.futures.ThreadPoolExecutor(len(starts)) as pool:  # the peers load side by side
+                peers = dict(zip(starts, pool.map(lambda a: common.Peer(*a), starts.values()), strict=True))
             tokens = {name: peer("gen", ids, args.new) for name, peer in peers.items()}  # warm-up, compared
             for peer in peers.values():
                 peer("gen", ids, 1)
