@@ -5,6 +5,9 @@ cache in one call, then decodes inside one jitted `lax.while_loop` (greedy, temp
 stopping early once every sequence has produced an end-of-sequence token. Stop strings are applied afterwards
 on the decoded text. Prompt and cache lengths are rounded up to buckets so repeated calls reuse compilations.
 
+At batch 1 decoding is bound by memory bandwidth (every step reads all decoder weights): on CPU the decode loop
+runs on per-layer copies of the weights (`split_layers`), and `--dtype bfloat16` halves the bytes read.
+
   python -m llava_jax.generate --model runs/demo/hf --image cat.jpg --prompt "What is in the image?" --json
 """
 
@@ -24,6 +27,7 @@ from llava_jax import cli, host_memory
 from llava_jax.models.llava import Llava
 
 BUCKET = 32
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # --dtype: weights and compute
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -44,10 +48,12 @@ def _select(logits: jax.Array, key: jax.Array, temperature: float, top_p: float)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "temperature", "top_p"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len", "temperature", "top_p",
+                                             "split"))
 def _generate_jit(graphdef, state, input_ids, attention_mask, pixel_values, has_image, eos_ids, key, *,
-                  max_new_tokens: int, cache_len: int, temperature: float, top_p: float):
+                  max_new_tokens: int, cache_len: int, temperature: float, top_p: float, split: bool = False):
     model: Llava = nnx.merge(graphdef, state)
+    lm = model.language_model
     b = input_ids.shape[0]
     cache = model.language_model.init_cache(b, cache_len)
     # only the last prompt position is projected onto the vocabulary (the others' logits are never used)
@@ -56,6 +62,9 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, pixel_values, has_
     first = _select(model.language_model.logits(hidden[:, -1]), sub, temperature, top_p)
     out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
+    weights = None
+    if split:  # decode from per-layer weight and cache buffers, copied once here (see `split_weights`)
+        weights, cache = lm.split_weights(), lm.split_cache(cache)
 
     def cond(carry):
         i, _, _, _, done, _ = carry
@@ -63,7 +72,10 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, pixel_values, has_
 
     def body(carry):
         i, out, cache, last, done, key = carry
-        logits, cache = model(last[:, None], cache=cache)
+        if split:  # text only from here on: the decoder alone (Llava's embedding merge has no image to merge)
+            logits, cache = lm(last[:, None], cache=cache, split=weights)
+        else:
+            logits, cache = model(last[:, None], cache=cache)
         key, sub = jax.random.split(key)
         tok = _select(logits[:, -1], sub, temperature, top_p)
         tok = jnp.where(done, eos_ids[0], tok)
@@ -106,7 +118,7 @@ def _cut_at_stop(tokens: list[int], eos_ids: Sequence[int], stop_strings: Sequen
 def generate(model: Llava, input_ids_list: Sequence[Sequence[int]], pixel_values=None, has_image=None, *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              eos_ids: Sequence[int] = (2,), stop_strings: Sequence[str] = (), tokenizer=None, seed: int = 0,
-             pad_id: int = 0, bucket: int = BUCKET) -> list[list[int]]:
+             pad_id: int = 0, bucket: int = BUCKET, split_layers: bool | None = None) -> list[list[int]]:
     """Decodes a batch of prompts.
 
     Args:
@@ -119,6 +131,10 @@ def generate(model: Llava, input_ids_list: Sequence[Sequence[int]], pixel_values
       eos_ids: ids that end a sequence (kept in the output).
       stop_strings: texts that end a sequence (needs `tokenizer`; the output is cut after the token that
         completes one).
+      split_layers: decode from per-layer copies of the decoder weights (`LlamaForCausalLM.split_weights`):
+        at batch 1 on CPU this made decoding 1.7x faster (the layer scan copied every layer's weights out of
+        the stack at every step), for one copy of the decoder weights per call, held while it runs. None: on
+        CPU only (accelerators keep the memory).
     Returns:
       B lists of new token ids (the prompt excluded).
     """
@@ -134,10 +150,13 @@ def generate(model: Llava, input_ids_list: Sequence[Sequence[int]], pixel_values
         pixel_values = jnp.asarray(pixel_values, jnp.float32)
         has_image = jnp.ones((b,), bool) if has_image is None else jnp.asarray(has_image, bool)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    if split_layers is None:
+        split_layers = jax.default_backend() == "cpu"
+    split_layers = split_layers and max_new_tokens > 1  # no decode step: nothing to split for
     graphdef, state = nnx.split(model)
     out, n = _generate_jit(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), pixel_values, has_image, eos,
                            jax.random.key(seed), max_new_tokens=max_new_tokens, cache_len=cache_len,
-                           temperature=float(temperature), top_p=float(top_p))
+                           temperature=float(temperature), top_p=float(top_p), split=bool(split_layers))
     out = np.asarray(out)[:, : int(n)]
     return [_cut_at_stop(list(map(int, row)), list(eos_ids), stop_strings, tokenizer) for row in out]
 
@@ -200,10 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print {'text': ..., 'token_ids': [...]}")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                   help="weights and compute (bfloat16 halves the bytes each decoded token reads; on accelerators: "
+                        "XLA:CPU's bfloat16 matmuls are slower than its float32 ones)")
     args = p.parse_args(argv)
     host_memory.retain_freed_memory()  # XLA:CPU: reuse freed pages (before JAX's backend starts)
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], param_dtype=DTYPES[args.dtype])
     if loaded.tokenizer is None:
         print(f"error: {args.model} has no tokenizer", file=sys.stderr)
         return 2

@@ -91,3 +91,58 @@ def test_cli_raw_json_matches_hf(tmp_path, capsys):
     eos = tok.eos_token_id
     ref = ref[: ref.index(eos) + 1] if eos in ref else ref
     assert out["token_ids"] == ref
+
+
+def test_split_weights_decode_equals_the_layer_scan(models):
+    """The CPU decode path (per-layer, transposed weight copies and per-layer caches) computes what the scan over
+    the stacked parameters computes: the same greedy tokens, and decode-step logits within float32 rounding."""
+    import jax
+
+    tok, hf, ours, cfg = models
+    seqs = [tok("USER: two blue squares on the left, what else? ASSISTANT:").input_ids,
+            tok("USER: hi ASSISTANT:").input_ids]  # text only: the decode loop is the decoder's alone
+    split = generate(ours, seqs, max_new_tokens=10, eos_ids=[-5], split_layers=True)
+    stacked = generate(ours, seqs, max_new_tokens=10, eos_ids=[-5], split_layers=False)
+    assert split == stacked
+
+    lm = ours.language_model
+    ids, mask = left_pad(seqs, tok.pad_token_id, 32)
+    _, cache = lm(jnp.asarray(ids), attention_mask=jnp.asarray(mask), cache=lm.init_cache(2, 48))
+    nxt = jnp.asarray([[5], [9]], jnp.int32)
+    ref, ref_cache = lm(nxt, cache=cache)
+    assert not np.allclose(np.asarray(ref[:, 0, :8]), 0)
+    for transpose_min in (0, 10**9):  # every kernel and the head transposed; none
+        weights = lm.split_weights(transpose_min=transpose_min)
+        assert weights.head_transposed == (transpose_min == 0)
+        assert ("q_kernel_t" in weights.layers[0]) == (transpose_min == 0)
+        got, got_cache = jax.jit(lambda c, w=weights: lm(nxt, cache=lm.split_cache(c), split=w))(cache)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.stack(got_cache["k"]), np.asarray(ref_cache["k"]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.stack(got_cache["v"]), np.asarray(ref_cache["v"]), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_bfloat16_weights(tmp_path, capsys):
+    """`--dtype bfloat16` loads weights and computes in bfloat16: the CLI's tokens are the API's on the model
+    loaded in bfloat16, and its logits stay within bfloat16 rounding of float32's."""
+    import json
+
+    from llava_jax.convert.model_dir import load_model
+    from llava_jax.generate import build_prompt_ids, main
+
+    tok = tiny.build_tokenizer(["a red circle", "two blue squares on the left"], vocab_size=200)
+    d = tmp_path / "hf"
+    tiny.make_hf_llava(d, tok, seed=9)
+    assert main(["--model", str(d), "--prompt", "hello there", "--json", "--max-new-tokens", "6",
+                 "--dtype", "bfloat16"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    half = load_model(d, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    full = load_model(d)
+    assert half.model.language_model.q_kernel[...].dtype == jnp.bfloat16
+    ids = build_prompt_ids(half, "hello there", with_image=False)
+    api = generate(half.model, [ids], max_new_tokens=6, eos_ids=[tok.eos_token_id],
+                   pad_id=tok.pad_token_id or 0)[0]
+    assert out["token_ids"] == api
+    l16 = np.asarray(half.model(jnp.asarray([ids]))[0][0, -1].astype(jnp.float32))
+    l32 = np.asarray(full.model(jnp.asarray([ids]))[0][0, -1])
+    assert np.abs(l16 - l32).max() <= 0.05 * np.abs(l32).max()
+    assert np.abs(l16 - l32).max() > 0  # really computed in another precision

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from llava_jax.models import layers as L
 from llava_jax.models import lora as lora_lib
 
 Cache = dict[str, jax.Array]
+TRANSPOSE_MIN = 1024  # `split_weights`: kernels with this many inputs or more are stored [out, in]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +133,24 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
+class SplitWeights(NamedTuple):
+    """The decoder's weights laid out for batch-1 decoding (`LlamaForCausalLM.split_weights`): `layers`, one
+    dict per layer of arrays of their own, whose matmul kernels are `{name}_kernel` [in, out] or, for long
+    rows, `{name}_kernel_t` [out, in]; `head`, the output projection, [V, D] when `head_transposed`, else
+    [D, V]."""
+
+    layers: list[dict[str, jax.Array]]
+    head: jax.Array
+    head_transposed: bool
+
+
+def dense_t(x: jax.Array, kernel_t: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ kernel_t [out, in]^T (+ bias [out]) in x's dtype: the product with a transposed kernel,
+    which XLA:CPU runs as row dot products (a matrix-vector product streams the weights row by row)."""
+    y = jnp.einsum("...i,oi->...o", x, kernel_t.astype(x.dtype))
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
 class LlamaForCausalLM(nnx.Module):
     """LLaMA decoder with its language-model head.
 
@@ -212,11 +231,45 @@ class LlamaForCausalLM(nnx.Module):
             names += [n for t in self.lora.targets for n in lora_lib.adapter_names(t)]
         return {k: getattr(self, k)[...] for k in names}
 
+    def split_weights(self, dtype=None, transpose_min: int = TRANSPOSE_MIN) -> SplitWeights:
+        """The decoder's weights for `__call__(split=...)`: each layer's in arrays of their own, in `dtype`
+        (default: the compute dtype); kernels with at least `transpose_min` inputs (and the head, by the
+        model width) transposed to [out, in].
+
+        Inside a jitted function these are copies made once; a decode loop then multiplies the buffers as they
+        lie, where the scan over the stacked [Lyr, ...] parameters has XLA:CPU copy each layer's slice out of
+        the stack before its matmuls at every step (three times the weight traffic of a memory-bound batch-1
+        step). XLA:CPU's matrix-vector product streamed [out, in] weights with 1,024-long rows 12-25% faster
+        than [in, out], and 256-long rows at half the speed (bench/roofline.py's notes in BENCHMARKS.md), hence
+        the threshold. Costs one more copy of the decoder weights while it lives."""
+        dt = dtype or self.dtype
+
+        def one(name, v):
+            if name.endswith("_kernel") and v.shape[0] >= transpose_min:
+                return name + "_t", jnp.swapaxes(v, 0, 1).astype(dt)
+            return name, v.astype(dt)
+
+        stacked = self._layer_weights()
+        layers = [dict(one(k, v[i]) for k, v in stacked.items()) for i in range(self.config.num_hidden_layers)]
+        transposed = self.config.hidden_size >= transpose_min
+        if self.config.tie_word_embeddings:
+            head = self.embed_tokens[...] if transposed else self.embed_tokens[...].T
+        else:
+            head = self.lm_head[...].T if transposed else self.lm_head[...]
+        return SplitWeights(layers, head.astype(dt), transposed)
+
+    @staticmethod
+    def split_cache(cache: Cache) -> Cache:
+        """A cache whose "k" / "v" are per-layer lists ([B, Nk, Hd, S] / [B, Nk, S, Hd] each) instead of stacks,
+        for `__call__(split=...)`: each layer's attention then reads and writes its own buffer in place."""
+        n = cache["k"].shape[0]
+        return dict(cache, k=[cache["k"][i] for i in range(n)], v=[cache["v"][i] for i in range(n)])
+
     # -------------------------------------------------------------------------------------------- forward
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                  cache: Cache | None = None, return_hidden: bool = False, lora_key: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None):
+                 segment_ids: jax.Array | None = None, split: SplitWeights | None = None):
         """Runs the decoder.
 
         Args:
@@ -231,6 +284,8 @@ class LlamaForCausalLM(nnx.Module):
           segment_ids: [B, T] int for packed rows (training, no cache): one id per sample, 0 = padding; a token
             attends only to earlier tokens of its own sample (`attention.segment_mask`, and the flash kernel's
             segment ids), and default positions restart at 0 at each sample's first token.
+          split: the weights from `split_weights` (decoding): a Python loop over its layers replaces the scan
+            over the stacked parameters; needs a cache, whose "k" / "v" may be per-layer lists (`split_cache`).
         Returns:
           (logits [B, T, V] — or hidden [B, T, D] — , the updated cache or None).
         """
@@ -277,7 +332,10 @@ class LlamaForCausalLM(nnx.Module):
         lora = self.lora
 
         def proj(name, x, w):
-            y = L.dense(x, w[f"{name}_kernel"], w.get(f"{name}_bias"))
+            if f"{name}_kernel_t" in w:  # split weights: [out, in]
+                y = dense_t(x, w[f"{name}_kernel_t"], w.get(f"{name}_bias"))
+            else:
+                y = L.dense(x, w[f"{name}_kernel"], w.get(f"{name}_bias"))
             if lora is not None and name in lora.targets:
                 a_name, b_name = lora_lib.adapter_names(name)
                 key = w.get("lora_key")
@@ -310,7 +368,11 @@ class LlamaForCausalLM(nnx.Module):
             k = apply_rope(k, positions, inv_freq)
             return q, k, v
 
-        weights = {k: v.astype(dtype) if v.ndim > 2 else v for k, v in self._layer_weights().items()}
+        layers = None if split is None else split.layers
+        if layers is not None and cache is None:
+            raise ValueError("split= (split decoder weights) is for decoding with a cache")
+        weights = {} if layers is not None else {
+            k: v.astype(dtype) if v.ndim > 2 else v for k, v in self._layer_weights().items()}
         if lora is not None and lora.dropout > 0 and lora_key is not None:
             weights["lora_key"] = jax.random.split(lora_key, c.num_hidden_layers)  # one key per layer
         if cache is None:
@@ -343,11 +405,23 @@ class LlamaForCausalLM(nnx.Module):
                 v_all = jax.lax.dynamic_index_in_dim(cv, i, 0, keepdims=False).astype(dtype)
                 return (attend_and_mlp(x, w, k_all, v_all, q), ck, cv), None
 
-            idx = jnp.arange(c.num_hidden_layers)
-            (h, ck, cv), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), (weights, idx),
-                                          unroll=self.scan_unroll)
+            if layers is not None and isinstance(cache["k"], (list, tuple)):  # per-layer buffers throughout
+                ck, cv = list(cache["k"]), list(cache["v"])
+                for i, w in enumerate(layers):
+                    (h, ck_i, cv_i), _ = body((h, ck[i][None], cv[i][None]), (w, 0))
+                    ck[i], cv[i] = ck_i[0], cv_i[0]
+            elif layers is not None:
+                ck, cv = cache["k"], cache["v"]
+                for i, w in enumerate(layers):
+                    (h, ck, cv), _ = body((h, ck, cv), (w, i))
+            else:
+                idx = jnp.arange(c.num_hidden_layers)
+                (h, ck, cv), _ = jax.lax.scan(body, (h, cache["k"], cache["v"]), (weights, idx),
+                                              unroll=self.scan_unroll)
             new_cache = {"k": ck, "v": cv, "valid": valid, "index": start + t}
         h = L.rms_norm(h, self.norm[...], eps)
         if return_hidden:
             return h, new_cache
+        if split is not None:
+            return (dense_t if split.head_transposed else L.dense)(h, split.head), new_cache
         return self.logits(h), new_cache
