@@ -109,14 +109,17 @@ def stage2_command(*, train_file: Path, image_root: Path, init_from: Path, workd
 
 def run(cmd: Sequence[str], log_path: Path, *, echo: bool = True, env: Mapping[str, str] | None = None) -> None:
     """Runs a step in the repository root, writing its output to `log_path` (and to the terminal when `echo`,
-    minus XLA start-up chatter). Raises StepFailedError on a non-zero exit."""
+    minus XLA start-up chatter). Raises StepFailedError on a non-zero exit. The step does not preallocate
+    accelerator memory (`XLA_PYTHON_CLIENT_PREALLOCATE=false` unless set): the caller may hold a JAX client on the
+    same GPU, and each client would otherwise reserve 75% of its memory."""
     if echo:
         print("$ " + " ".join(cmd), flush=True)
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+                                env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ,
+                                     "PYTHONUNBUFFERED": "1", **(env or {})})
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
