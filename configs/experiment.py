@@ -7,7 +7,9 @@ Variants:
   default   4,000 synthetic images at 50% planted noise; stage 1 900 steps; CLIP 300 steps; stage 2 the same
             500 steps x 32 for every arm, 5 validation points; budgets 8% and 25%; 2 random seeds (14 stage-2
             runs, sized for ~60 min on 2 idle CPU cores)
-  quick     1,000 images, stage 2 120 steps, one budget (10%), one random seed (~10 min)
+  quick     1,000 images, stage 2 120 steps, one budget (10%), one random seed, arms full / clean / random /
+            select only (the single-score and no-cluster ablations are the default's): a check of the whole
+            pipeline in ~10 min, too short a training to rank the arms
   tiny      a few steps of a very small model on a few dozen records (the tests)
 --noise, --budgets and --arms on the command line override `noise`, `budgets` and `arms`; --set KEY=VALUE any key.
 """
@@ -85,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 12
 
     if variant == "quick":
+        c.arms = "full,clean,random,select"
         c.budgets = "0.1"
         c.random_seeds = 1
         c.data.num = 1000

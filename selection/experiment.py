@@ -4,7 +4,7 @@ a better model than all of it?
     python -m selection.experiment --out runs/igpt4_mini [--noise 0.5[,0.3,0.7]] [--budgets 0.08,0.25] \
         [--arms full,clean,oracle,random,select,nocluster,clip,length,mllm] [--quick] \
         [--config configs/experiment.py[:variant]] [--set KEY=VALUE ...] \
-        [--reward-model-dir DIR] [--judge-url URL [--judge-model NAME]]
+        [--reward-model-dir DIR] [--judge-url URL [--judge-model NAME]] [--report-only]
 
 Steps, each skipped when its output exists (rerunning the command resumes; a stage-2 run that was cut off
 continues from its last checkpoint):
@@ -510,6 +510,18 @@ class Experiment:
         self.say(f"done in {time.time() - t0:.0f}s -> {self.out / 'RESULTS.md'}")
         return read_json(self.out / "results.json")
 
+    def report_only(self) -> dict[str, Any]:
+        """The report (results.json, RESULTS.md, plots) of the arms already finished under OUT, judged against
+        this plan (its missing arms are listed as not finished); runs nothing."""
+        self.check_settings()
+        if not (self.data_dir(self.main_noise) / "meta.json").is_file():
+            raise ExperimentError(f"{self.out} holds no finished data step: nothing to report")
+        ev = self.out / "clip" / "train" / "eval.json"
+        clip_eval = read_json(ev) if ev.is_file() else {}
+        self.write_report(self.finished_results(), clip_eval, time.time() - self.started)
+        self.say(f"report -> {self.out / 'RESULTS.md'}")
+        return read_json(self.out / "results.json")
+
     def judge(self, results: dict[str, dict[str, Any]]) -> bool:
         """With a judge server: the select arm's held-out replies against the full arm's, judged pairwise in both
         orders (`llava_jax.eval.compare`; the judge is told each question's answer) -> OUT/judge/summary.json.
@@ -612,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reward-model-dir", default=None, help="a reward model dir: the reward score joins")
     p.add_argument("--judge-url", default=None, help="an OpenAI-compatible server: the gpt score joins")
     p.add_argument("--judge-model", default=None)
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report of the arms already finished under --out (missing ones listed); run nothing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("absl", "orbax", "jax._src", "selection"):
@@ -621,7 +635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     host_memory.retain_freed_memory()
     try:
-        Experiment(cfg, args.out).run()
+        experiment = Experiment(cfg, args.out)
+        if args.report_only:
+            experiment.report_only()
+        else:
+            experiment.run()
     except workflow.StepFailedError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

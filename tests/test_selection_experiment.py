@@ -155,9 +155,18 @@ def test_tiny_experiment_subsets_results_and_resume(tmp_path, monkeypatch):
         assert name in md
     assert "Partial" not in md
     assert (out / "accuracy_vs_budget.png").stat().st_size > 1000
+    # --report-only: a wider plan over the same OUT reports the finished arms, lists the rest, trains nothing.
+    wider = _cfg(arms="full,random,oracle", random_seeds=2, budgets="0.25,0.5")
+    exp = ex.Experiment(wider, out, echo=False)
+    again = exp.report_only()
+    assert exp.stage2_runs == 0 and again["arms"]["full"] == doc["arms"]["full"]
+    assert {"oracle@0.5", "random@0.5#seed0"} <= set(again["pending"])
+    assert "Partial" in (out / "RESULTS.md").read_text()
     # Other world settings in the same OUT are refused rather than mixed into one table.
     with pytest.raises(ex.ExperimentError, match="other settings"):
         ex.Experiment(_cfg(arms="full", seed=1), out, echo=False).run()
+    with pytest.raises(ex.ExperimentError, match="other settings"):
+        ex.Experiment(_cfg(arms="full", seed=1), out, echo=False).report_only()
 
 
 @pytest.mark.slow
