@@ -17,13 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gcs_emulator import running_emulator
+from test_train_cli import TEXT, VISION  # the same tiny model as the local trainer tests
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-              patch_size=8, projection_dim=16)
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
