@@ -80,6 +80,7 @@ def test_aot_rejects_unknown_topology():
 
 
 
+@pytest.mark.slow  # ~60 s: compiles the deeper model unrolled to check the extrapolation (suite time budget)
 def test_mfu_estimate_extrapolates_a_deeper_unrolled_compile(monkeypatch):
     """XLA's roofline for a deeper model, extrapolated from three shallow unrolled compiles, equals what
     compiling that deeper model unrolled gives; and XLA's count of the scanned step misses most of it."""

@@ -316,6 +316,7 @@ def test_from_peft_round_trips_ours_and_llava_layout(lora_dirs, tmp_path):
 # ------------------------------------------------------------------------------------------------ 8 devices
 
 
+@pytest.mark.slow  # ~25 s; the mesh equality without LoRA (test_sharding.py) stays in the default run
 def test_mesh_2x2x2_equals_one_device_with_lora():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # this checkout's package
