@@ -147,6 +147,7 @@ def test_training_lowers_the_loss_and_writes_metrics_and_eval(world, trained):
     assert (workdir / "tb").is_dir() and json.loads((workdir / "run.json").read_text())["model"] == "clip"
 
 
+@pytest.mark.slow  # ~21 s; the trainer's own exact-resume test (test_train_cli.py) covers the shared machinery
 def test_resume_after_interruption_continues_exactly(world, trained, tmp_path):
     full_dir, _ = trained
     workdir = tmp_path / "run"
