@@ -513,9 +513,9 @@ class Experiment:
     def report_only(self) -> dict[str, Any]:
         """The report (results.json, RESULTS.md, plots) of the arms already finished under OUT, judged against
         this plan (its missing arms are listed as not finished); runs nothing."""
-        self.check_settings()
-        if not (self.data_dir(self.main_noise) / "meta.json").is_file():
+        if not (self.data_dir(self.main_noise) / "meta.json").is_file():  # before check_settings writes into OUT
             raise ExperimentError(f"{self.out} holds no finished data step: nothing to report")
+        self.check_settings()
         ev = self.out / "clip" / "train" / "eval.json"
         clip_eval = read_json(ev) if ev.is_file() else {}
         self.write_report(self.finished_results(), clip_eval, time.time() - self.started)
